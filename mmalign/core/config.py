@@ -1,0 +1,218 @@
+"""Dataclass configs loaded from YAML plus `a.b=value` overrides, with strict validation."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the file and the dotted key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2-style scalars: only true/false are bools (`no` stays a string), `1e-5` is a float."""
+
+
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in rs if tag not in (_BOOL, _FLOAT)]
+    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4
+    max_steps: int = 100
+    batch_size: int = 8  # per device, per micro-batch
+    grad_accum: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    max_grad_norm: Optional[float] = 1.0  # 0 or None disables clipping
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 3  # checkpoints kept; 0 keeps all
+    tensorboard: bool = False
+    resume: str = "auto"  # "auto" | "never" | path to a checkpoint dir
+    num_workers: int = 0
+
+
+@dataclass
+class Experiment:
+    method: str
+    output_dir: str
+    train: TrainConfig = field(default_factory=TrainConfig)
+    args: Any = None  # the method's config dataclass (remaining top-level sections)
+
+
+class _Bad(Exception):
+    """(dotted key, message); turned into a ConfigError naming the file by from_dict."""
+
+
+def _convert(tp, value, key: str):
+    """Check `value` against type `tp`; return it converted (nested dataclasses built, lists -> tuples)."""
+    origin, targs = typing.get_origin(tp), typing.get_args(tp)
+    got = f"got {type(value).__name__} {value!r}"
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _Bad(key, f"expected a section ({tp.__name__}), got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin in (Union, types.UnionType):
+        options = [t for t in targs if t is not type(None)]
+        if value is None and len(options) < len(targs):
+            return None
+        if len(options) == 1:
+            return _convert(options[0], value, key)
+        for option in options:
+            try:
+                return _convert(option, value, key)
+            except _Bad:
+                pass
+        raise _Bad(key, f"expected {str(tp).replace('typing.', '')}, {got}")
+    if origin is Literal:
+        if value not in targs or isinstance(value, bool) != isinstance(targs[0], bool):
+            raise _Bad(key, f"expected one of {list(targs)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _Bad(key, f"expected a list, {got}")
+        if origin is tuple and targs and targs[-1] is not Ellipsis:
+            if len(value) != len(targs):
+                raise _Bad(key, f"expected {len(targs)} items, got {len(value)}")
+            return tuple(_convert(t, v, f"{key}[{i}]") for i, (t, v) in enumerate(zip(targs, value)))
+        items = [_convert(targs[0] if targs else Any, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Bad(key, f"expected a mapping, {got}")
+        return {k: _convert(targs[1] if targs else Any, v, f"{key}.{k}") for k, v in value.items()}
+    ok = {bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str)}.get(tp, isinstance(value, tp) if isinstance(tp, type) else True)
+    if not ok:
+        raise _Bad(key, f"expected {getattr(tp, '__name__', tp)}, {got}")
+    return float(value) if tp is float else value
+
+
+def _build(cls, data: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in fields:
+            raise _Bad(key, f"unknown key (known: {', '.join(fields)})")
+        kwargs[k] = _convert(hints[k], v, key)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise _Bad(f"{prefix}.{name}" if prefix else name, "missing required key")
+    return cls(**kwargs)
+
+
+def from_dict(cls, data: dict, where: str, prefix: str = "", overrides: dict[str, str] | None = None):
+    """Build dataclass `cls` from `data`; any problem is a ConfigError naming `where` and the dotted key.
+    `overrides` ({dotted key: override text}) lets the message say a bad key came from an override."""
+    try:
+        if not isinstance(data, dict):
+            raise _Bad(prefix or "top level", f"expected a mapping, got {type(data).__name__}")
+        return _build(cls, data, prefix)
+    except _Bad as e:
+        key, msg = e.args
+        src = next((f" (from override '{o}')" for k, o in (overrides or {}).items()
+                    if key == k or key.startswith(k + ".")), "")
+        raise ConfigError(f"{where}: {key}: {msg}{src}") from None
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """Set `a.b.c=value` entries in `raw` (in place); return {dotted key: override text}."""
+    applied = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"malformed override '{item}' (expected key.path=value)")
+        parts = key.strip().split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': {'.'.join(parts[:i + 1])} is not a section")
+        node[parts[-1]] = yaml.load(text, Loader=_Loader)
+        applied[key.strip()] = item
+    return applied
+
+
+def load_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.load(f, Loader=_Loader)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def read_method_name(path: str, overrides=()) -> str:
+    raw = load_yaml(path)
+    apply_overrides(raw, overrides)
+    name = raw.get("method")
+    if not isinstance(name, str):
+        raise ConfigError(f"{path}: method: missing required key (a method name string)")
+    return name
+
+
+def load_experiment(path: str, overrides=(), method_config: type | Callable[[str], type] | None = None) -> Experiment:
+    """Load `path` + overrides. `method_config` is the method's config dataclass, or a lookup name -> dataclass;
+    None keeps the method sections as a plain dict."""
+    raw = load_yaml(path)
+    applied = apply_overrides(raw, overrides)
+    top = {k: raw.pop(k) for k in ("method", "output_dir", "train") if k in raw}
+    exp = from_dict(Experiment, top, path, overrides=applied)
+    cls = method_config
+    if cls is not None and not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        cls = cls(exp.method)
+    exp.args = raw if cls is None else from_dict(cls, raw, path, overrides=applied)
+    return exp
+
+
+def _plain(obj):
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def resolved_dict(exp: Experiment) -> dict:
+    return {"method": exp.method, "output_dir": exp.output_dir, "train": _plain(exp.train), **_plain(exp.args or {})}
+
+
+def save_resolved(exp: Experiment, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(resolved_dict(exp), f, sort_keys=False)

@@ -1,0 +1,243 @@
+"""The generic training loop on accelerate: exact resume, accumulation, DDP, NaN guard, logging, checkpoints."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import send_to_device, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import ConfigError, Experiment, TrainConfig, save_resolved
+from .method import Method
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class StepBatchSampler:
+    """Deterministic, resumable data order. Each epoch is a permutation seeded by (seed, epoch); optimizer step k
+    uses perm[k*G:(k+1)*G] with G = batch_size * world * grad_accum (an epoch's incomplete tail is dropped);
+    micro-batch j of rank r is the slice starting at (j * world + r) * batch_size."""
+
+    def __init__(self, n_rows: int, cfg: TrainConfig, world: int, rank: int, start_step: int):
+        self.n, self.b, self.accum, self.world, self.rank = n_rows, cfg.batch_size, cfg.grad_accum, world, rank
+        self.seed, self.start, self.stop = cfg.seed, start_step, cfg.max_steps
+        self.global_batch = self.b * world * self.accum
+        self.steps_per_epoch = n_rows // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"dataset has {n_rows} rows, fewer than one global batch "
+                              f"({self.b} x {world} processes x {self.accum} accumulation = {self.global_batch})")
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, step offset within the epoch) of optimizer step `step` (0-based)."""
+        return divmod(step, self.steps_per_epoch)
+
+    def __len__(self):
+        return max(0, self.stop - self.start) * self.accum
+
+    def __iter__(self):
+        perm_epoch, perm = None, None
+        for step in range(self.start, self.stop):
+            epoch, offset = self.position(step)
+            if epoch != perm_epoch:
+                gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+                perm_epoch, perm = epoch, torch.randperm(self.n, generator=gen)
+            batch = perm[offset * self.global_batch:(offset + 1) * self.global_batch]
+            for j in range(self.accum):
+                start = (j * self.world + self.rank) * self.b
+                yield batch[start:start + self.b].tolist()
+
+
+def _make_optimizer(cfg: TrainConfig, params):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    from transformers.optimization import Adafactor
+    return Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                     scale_parameter=False, relative_step=False, warmup_init=False)
+
+
+def _make_scheduler(cfg: TrainConfig, optimizer):
+    from transformers import get_scheduler
+    name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+
+
+def _check(cfg: TrainConfig):
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.mixed_precision: fp16 needs a CUDA GPU; use 'bf16' or 'no' on CPU")
+    for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"train.{name}: must be >= 1, got {getattr(cfg, name)}")
+    if cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(f"train.tensorboard: true but tensorboard is not installed ({e})") from None
+
+
+def _resume_path(cfg: TrainConfig, ckpt_root: str) -> str | None:
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        return ckpt.latest_checkpoint(ckpt_root)
+    if not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
+        raise ConfigError(f"train.resume: {cfg.resume} is not a checkpoint directory")
+    return cfg.resume
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _restore(path, acc, model, optimizer, scheduler, global_batch) -> int:
+    state = ckpt.load_checkpoint(path, acc.process_index)
+    ts = state["trainer_state"]
+    if ts["global_batch"] != global_batch:
+        raise ConfigError(f"cannot resume {path} exactly: it used global batch {ts['global_batch']}, now {global_batch}")
+    params = _trainable(model)
+    if set(params) != set(state["params"]):
+        diff = sorted(set(params) ^ set(state["params"]))
+        raise RuntimeError(f"{path}: saved trainable parameters do not match the model's (e.g. {diff[:5]})")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state["params"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state["rng"] is not None:
+        ckpt.set_rng_state(state["rng"])
+    elif acc.is_main_process:
+        print(f"warning: {path} has no RNG state for rank {acc.process_index}; random streams will differ")
+    return ts["step"]
+
+
+def _guard_finite(acc, loss, batch, step: int, out_dir: str):
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=acc.device)
+    total = acc.reduce(bad, "sum") if acc.num_processes > 1 else bad
+    if total.item() == 0:
+        return
+    if bad.item() == 0:
+        raise NonFiniteLossError(f"non-finite loss at step {step} on another process (see its error)")
+    suffix = f"_rank{acc.process_index}" if acc.num_processes > 1 else ""
+    path = os.path.join(out_dir, f"nonfinite_batch_step{step}{suffix}.pt")
+    torch.save(send_to_device(batch, "cpu"), path)
+    raise NonFiniteLossError(f"non-finite loss ({loss.detach().float().mean().item()}) at step {step}; "
+                             f"the batch is saved in {path}")
+
+
+def train(exp: Experiment, method: Method) -> dict:
+    """Run (or resume) training; return {'step', 'metrics', 'output_dir'}."""
+    cfg, out = exp.train, exp.output_dir
+    _check(cfg)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                      cpu=not torch.cuda.is_available())  # cpu=True lets torchrun on CPU use gloo
+    try:
+        return _train(exp, method, acc)
+    finally:  # let a later train() in this process pick other accelerate settings
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def _train(exp: Experiment, method: Method, acc: Accelerator) -> dict:
+    cfg, out = exp.train, exp.output_dir
+    ckpt_root = os.path.join(out, "checkpoints")
+    set_seed(cfg.seed)  # identical initial weights on every rank
+    if acc.is_main_process:
+        os.makedirs(out, exist_ok=True)
+        save_resolved(exp, os.path.join(out, "config.yaml"))
+    policy = method.build(acc.device)
+    dataset = method.dataset()
+    optimizer = _make_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad])
+    scheduler = _make_scheduler(cfg, optimizer)  # stepped by us once per optimizer step, not prepared
+    policy, optimizer = acc.prepare(policy, optimizer)
+    set_seed(cfg.seed, device_specific=True)  # per-rank streams (dropout, noise)
+
+    resume_from = _resume_path(cfg, ckpt_root)
+    global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
+    start = _restore(resume_from, acc, acc.unwrap_model(policy), optimizer, scheduler, global_batch) if resume_from else 0
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if acc.is_main_process:
+        _truncate_metrics(metrics_path, start)
+    sampler = StepBatchSampler(len(dataset), cfg, acc.num_processes, acc.process_index, start)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=method.collate, num_workers=cfg.num_workers,
+                        generator=torch.Generator().manual_seed(cfg.seed * 7919 + start))  # keeps global RNG untouched
+
+    writer = None
+    if cfg.tensorboard and acc.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(out, "tensorboard"))
+    bar = tqdm(total=cfg.max_steps, initial=start, disable=not acc.is_main_process, desc="train")
+    step, sums, last, t0 = start, {}, {}, time.time()
+
+    def save(step):
+        ckpt.save_checkpoint(
+            ckpt_root, step, _trainable(acc.unwrap_model(policy)), optimizer.state_dict(), scheduler.state_dict(),
+            dict(zip(("epoch", "offset"), sampler.position(step)), global_batch=sampler.global_batch,
+                 world_size=acc.num_processes), cfg.keep_last, acc.process_index, acc.wait_for_everyone)
+
+    for batch in loader:
+        batch = send_to_device(batch, acc.device)
+        with acc.accumulate(policy):
+            with acc.autocast():
+                loss, metrics = method.loss(policy, batch)
+            _guard_finite(acc, loss, batch, step + 1, out)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.max_grad_norm:
+                acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            if acc.sync_gradients:
+                scheduler.step()
+            optimizer.zero_grad()
+        for k, v in {"loss": loss, **metrics}.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / cfg.grad_accum
+        if not acc.sync_gradients:
+            continue
+        step += 1
+        values = torch.tensor(list(sums.values()), dtype=torch.float64, device=acc.device)
+        if acc.num_processes > 1:
+            values = acc.reduce(values, "mean")
+        last, sums = dict(zip(sums, values.tolist())), {}
+        if acc.is_main_process:
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in list(last.items())[:4]})
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                _log(metrics_path, writer, step, lr, last, time.time() - t0)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+            save(step)
+    bar.close()
+    if writer:
+        writer.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        method.save_pretrained(acc.unwrap_model(policy), os.path.join(out, "final"))
+    acc.wait_for_everyone()
+    return {"step": step, "metrics": last, "output_dir": out}
+
+
+def _log(path, writer, step, lr, metrics, elapsed):
+    record = {"step": step, "loss": metrics["loss"], "lr": lr,
+              **{k: v for k, v in metrics.items() if k != "loss"}, "elapsed_s": round(elapsed, 3)}
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer:
+        for k, v in record.items():
+            if k != "step" and isinstance(v, float) and math.isfinite(v):
+                writer.add_scalar(k, v, step)
+
+
+def _truncate_metrics(path: str, step: int):
+    """Drop log lines past the resume point (written by the interrupted run after its last checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
