@@ -1,0 +1,109 @@
+"""Caption datasets on disk, validated row by row under an explicit bad-row policy.
+
+Format (Hugging Face "imagefolder"): a folder with `metadata.jsonl`, one JSON object per line with
+`file_name` (path relative to the folder) and `text` (the caption); extra keys are kept in `extra`.
+A bad row is either a counted skip with its reason (policy "skip") or a `DataError` naming the file and line
+(policy "error") — never silently dropped or silently kept.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+POLICIES = ("skip", "error")
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class SkipReport:
+    """Counts of rows dropped, by reason, with the first few examples of each."""
+    total: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 5:
+            self.examples[reason].append(where)
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "kept": self.kept, "skipped": dict(self.skipped), "examples": self.examples}
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return f"{self.kept}/{self.total} rows kept"
+        parts = ", ".join(f"{n} {r}" for r, n in self.skipped.most_common())
+        return f"{self.kept}/{self.total} rows kept; skipped: {parts}"
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    image_path: Path
+    caption: str
+    extra: dict
+
+
+def _check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise ValueError(f"bad-row policy must be one of {POLICIES}, got {policy!r}")
+
+
+def reject(report: SkipReport, policy: str, reason: str, where: str) -> None:
+    """Apply the policy to one bad row: raise under "error", count under "skip"."""
+    if policy == "error":
+        raise DataError(f"{where}: {reason}")
+    report.skip(reason, where)
+
+
+def read_caption_folder(folder: str | Path, policy: str = "skip") -> tuple[list[CaptionRecord], SkipReport]:
+    """Rows of `folder/metadata.jsonl` whose image file exists and whose caption is a string."""
+    _check_policy(policy)
+    folder = Path(folder)
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        raise DataError(f"{folder}: no metadata.jsonl (expected one JSON object per line with file_name, text)")
+    report, rows = SkipReport(), []
+    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        report.total += 1
+        where = f"{meta}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            reject(report, policy, f"invalid JSON ({e.msg})", where)
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("file_name"), str):
+            reject(report, policy, "missing file_name", where)
+            continue
+        if not isinstance(obj.get("text"), str):
+            reject(report, policy, "missing or non-string text", where)
+            continue
+        path = folder / obj["file_name"]
+        if not path.is_file():
+            reject(report, policy, "image file not found", where)
+            continue
+        extra = {k: v for k, v in obj.items() if k not in ("file_name", "text")}
+        rows.append(CaptionRecord(path, obj["text"], extra))
+    report.kept = len(rows)
+    return rows, report
+
+
+def open_rgb(path: Path, report: SkipReport, policy: str, where: str) -> Image.Image | None:
+    """Decode an image fully (so a truncated file fails here, not mid-epoch); None when skipped."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        reject(report, policy, "unreadable image", f"{where} ({type(e).__name__}: {e})")
+        return None
