@@ -1,0 +1,1 @@
+"""Text-to-image diffusion alignment (StableDiffusionPipeline-format models)."""

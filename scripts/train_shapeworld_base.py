@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Train the tiny ShapeWorld text-to-image base pipeline from scratch and save it with `save_pretrained`.
+
+Phase 1 trains the VAE on ShapeWorld renders; phase 2 caches the latents once and trains the UNet and the
+text encoder jointly on the denoising loss (caption dropout for classifier-free guidance, EMA weights).
+Every --eval-every steps it samples held-out captions (never seen in training) with fixed seeds, scores them
+with the exact ShapeWorld scorer and saves the pipeline, so an interrupted run still leaves a usable model.
+
+    python scripts/train_shapeworld_base.py --out mmalign/assets/shapeworld_sd
+
+Reproducible from its seed; prints one JSON line per evaluation and writes train_log.jsonl next to the model.
+No horizontal flips: they would contradict "left of" / "right of" captions.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+
+from mmalign.datasets.shapeworld import render_scene, sample_scenes, score_image
+from mmalign.diffusion.losses import per_sample_mse
+from mmalign.diffusion.sampling import sample_images
+from mmalign.diffusion.tiny import build_pipeline, load_architecture
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def to_pixels(images) -> torch.Tensor:
+    x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
+    return x.float() / 127.5 - 1.0
+
+
+def evaluate(pipe, unet_ema, scenes, seeds, steps, guidance) -> dict:
+    live = pipe.unet
+    pipe.unet = unet_ema
+    images = sample_images(pipe, [s.caption for s in scenes], seeds, steps=steps, guidance=guidance)
+    pipe.unet = live
+    scores = [score_image(im, s.caption) for im, s in zip(images, scenes)]
+    keys = sorted({k for sc in scores for k in sc})
+    return {k: round(float(np.mean([sc[k] for sc in scores if k in sc])), 4) for k in keys}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "mmalign/assets/shapeworld_sd"))
+    ap.add_argument("--arch", default=str(ROOT / "configs/models/shapeworld_sd_tiny.yaml"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-images", type=int, default=20000)
+    ap.add_argument("--vae-steps", type=int, default=600)
+    ap.add_argument("--unet-steps", type=int, default=2400)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--caption-dropout", type=float, default=0.1)
+    ap.add_argument("--ema", type=float, default=0.995)
+    ap.add_argument("--eval-every", type=int, default=400)
+    ap.add_argument("--eval-prompts", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "train_log.jsonl", "w")
+
+    def emit(rec):
+        print(json.dumps(rec), flush=True)
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+
+    arch = load_architecture(a.arch)
+    res = arch["resolution"]
+    pipe = build_pipeline(arch, seed=a.seed)
+    scenes = sample_scenes(a.seed + 1, a.train_images, split="train")
+    pixels = to_pixels([render_scene(s, res) for s in scenes])
+    eval_scenes = sample_scenes(10_000 + a.seed, a.eval_prompts, split="heldout")
+    eval_seeds = list(range(len(eval_scenes)))
+    g = torch.Generator().manual_seed(a.seed)
+    t0 = time.time()
+
+    # Phase 1: VAE (reconstruction + a light KL so latents stay well scaled).
+    vae = pipe.vae
+    opt = torch.optim.AdamW(vae.parameters(), lr=a.lr)
+    for step in range(1, a.vae_steps + 1):
+        x = pixels[torch.randint(0, len(pixels), (a.batch,), generator=g)]
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample(generator=g)).sample
+        loss = (recon - x).pow(2).mean() + 1e-6 * post.kl().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == a.vae_steps:
+            emit({"phase": "vae", "step": step, "loss": round(loss.item(), 5), "s": round(time.time() - t0)})
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():  # latent cache: the VAE encoder never runs again
+        posts = [vae.encode(pixels[i:i + 512]).latent_dist for i in range(0, len(pixels), 512)]
+        mean = torch.cat([p.mean for p in posts])
+        std = torch.cat([p.std for p in posts])
+        scale = 1.0 / float((mean + std * torch.randn(mean.shape, generator=g)).std())
+        vae.register_to_config(scaling_factor=scale)
+        check = [render_scene(s, res) for s in eval_scenes[:64]]
+        x = to_pixels(check)
+        rec = ((vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1) + 1) * 127.5).round().byte()
+        from PIL import Image
+        rec_imgs = [Image.fromarray(r.permute(1, 2, 0).numpy()) for r in rec]
+        rec_acc = float(np.mean([score_image(im, s.caption)["correct"] for im, s in zip(rec_imgs, eval_scenes)]))
+    emit({"phase": "vae_done", "scaling_factor": round(scale, 4), "recon_scorer_acc": rec_acc,
+          "s": round(time.time() - t0)})
+
+    # Phase 2: UNet + text encoder on cached latents.
+    tok, te, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
+    captions = [s.caption for s in scenes]
+    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    te.train().requires_grad_(True)
+    unet.train().requires_grad_(True)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=1e-2)
+    warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
+    ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
+    for step in range(1, a.unet_steps + 1):
+        idx = torch.randint(0, len(mean), (a.batch,), generator=g)
+        lat = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
+        batch_ids = ids[idx].clone()
+        drop = torch.rand(a.batch, generator=g) < a.caption_dropout
+        batch_ids[drop] = empty
+        noise = torch.randn(lat.shape, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (a.batch,), generator=g)
+        ctx = te(batch_ids)[0]
+        pred = unet(noise_sched.add_noise(lat, noise, t), t, ctx).sample
+        loss = per_sample_mse(pred, noise).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        warm.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            d = min(a.ema, (1 + step) / (10 + step))
+            for src, dst in ((unet, ema_unet), (te, ema_te)):
+                for p, q in zip(src.parameters(), dst.parameters()):
+                    q.lerp_(p, 1 - d)
+        if step % 100 == 0:
+            emit({"phase": "unet", "step": step, "loss": round(loss.item(), 5), "s": round(time.time() - t0)})
+        if step % a.eval_every == 0 or step == a.unet_steps:
+            saved = pipe.unet, pipe.text_encoder
+            pipe.unet, pipe.text_encoder = ema_unet, ema_te
+            acc = evaluate(pipe, ema_unet, eval_scenes, eval_seeds, steps=25, guidance=4.0)
+            pipe.save_pretrained(out)
+            pipe.unet, pipe.text_encoder = saved
+            emit({"phase": "eval", "step": step, "heldout": acc, "n": len(eval_scenes), "s": round(time.time() - t0)})
+    log.close()
+
+
+if __name__ == "__main__":
+    main()
