@@ -1,0 +1,1 @@
+"""Evaluation: statistics, image grids (evaluators and reports grow here)."""
