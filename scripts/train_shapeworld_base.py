@@ -7,6 +7,9 @@ Every --eval-every steps it samples held-out captions (never seen in training) w
 with the exact ShapeWorld scorer and saves the pipeline, so an interrupted run still leaves a usable model.
 
     python scripts/train_shapeworld_base.py --out mmalign/assets/shapeworld_sd
+    python scripts/train_shapeworld_base.py --init DIR --out DIR2 ...   # continue (skips the VAE phase)
+
+scripts/build_shapeworld_base.sh holds the exact commands that built the shipped pipeline.
 
 Reproducible from its seed; prints one JSON line per evaluation and writes train_log.jsonl next to the model.
 No horizontal flips: they would contradict "left of" / "right of" captions.
@@ -61,6 +64,8 @@ def main():
     ap.add_argument("--eval-every", type=int, default=400)
     ap.add_argument("--eval-prompts", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init", help="continue from this saved pipeline (skips the VAE phase)")
+    ap.add_argument("--decay", choices=["none", "cosine"], default="none", help="UNet learning-rate decay")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     out = Path(a.out)
@@ -74,7 +79,12 @@ def main():
 
     arch = load_architecture(a.arch)
     res = arch["resolution"]
-    pipe = build_pipeline(arch, seed=a.seed)
+    if a.init:
+        from diffusers import StableDiffusionPipeline
+        pipe = StableDiffusionPipeline.from_pretrained(a.init, safety_checker=None, requires_safety_checker=False)
+        torch.manual_seed(a.seed)
+    else:
+        pipe = build_pipeline(arch, seed=a.seed)
     scenes = sample_scenes(a.seed + 1, a.train_images, split="train")
     pixels = to_pixels([render_scene(s, res) for s in scenes])
     eval_scenes = sample_scenes(10_000 + a.seed, a.eval_prompts, split="heldout")
@@ -85,7 +95,7 @@ def main():
     # Phase 1: VAE (reconstruction + a light KL so latents stay well scaled).
     vae = pipe.vae
     opt = torch.optim.AdamW(vae.parameters(), lr=a.lr)
-    for step in range(1, a.vae_steps + 1):
+    for step in range(1, 0 if a.init else a.vae_steps + 1):
         x = pixels[torch.randint(0, len(pixels), (a.batch,), generator=g)]
         post = vae.encode(x).latent_dist
         recon = vae.decode(post.sample(generator=g)).sample
@@ -100,8 +110,10 @@ def main():
         posts = [vae.encode(pixels[i:i + 512]).latent_dist for i in range(0, len(pixels), 512)]
         mean = torch.cat([p.mean for p in posts])
         std = torch.cat([p.std for p in posts])
-        scale = 1.0 / float((mean + std * torch.randn(mean.shape, generator=g)).std())
-        vae.register_to_config(scaling_factor=scale)
+        scale = vae.config.scaling_factor
+        if not a.init:
+            scale = 1.0 / float((mean + std * torch.randn(mean.shape, generator=g)).std())
+            vae.register_to_config(scaling_factor=scale)
         check = [render_scene(s, res) for s in eval_scenes[:64]]
         x = to_pixels(check)
         rec = ((vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1) + 1) * 127.5).round().byte()
@@ -122,7 +134,10 @@ def main():
     unet.train().requires_grad_(True)
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=1e-2)
-    warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
+    def lr_factor(s):
+        decay = 0.5 * (1 + np.cos(np.pi * s / a.unet_steps)) if a.decay == "cosine" else 1.0
+        return min(1.0, (s + 1) / 200) * decay
+    warm = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
     for step in range(1, a.unet_steps + 1):
         idx = torch.randint(0, len(mean), (a.batch,), generator=g)
