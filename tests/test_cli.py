@@ -51,3 +51,18 @@ def test_sample_and_demo_on_a_tiny_pipeline(tmp_path, tiny_sd_dir):
     res = json.loads((tmp_path / "demo/results.json").read_text())
     assert res["n_prompts"] == 6 and set(res["accuracy"]) >= {"correct", "colour", "shape", "count"}
     assert (tmp_path / "demo/grid.png").is_file() and len(list((tmp_path / "demo/samples").glob("*.png"))) == 6
+
+
+def test_train_verb_runs_a_recipe_with_overrides(tmp_path, tiny_sd_dir, shapeworld_folder):
+    import yaml
+
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump({"method": "diffusion_sft", "output_dir": str(tmp_path / "run"),
+                                   "train": {"max_steps": 5, "batch_size": 8},
+                                   "model": {"pretrained": str(tiny_sd_dir)}, "data": {"path": str(shapeworld_folder)}}))
+    main(["train", str(cfg), "train.max_steps=2", "train.lr=1e-5", "data.caption_dropout=0.5"])
+    resolved = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
+    assert resolved["train"]["max_steps"] == 2 and resolved["train"]["lr"] == 1e-5
+    assert resolved["data"]["caption_dropout"] == 0.5 and resolved["data"]["bad_rows"] == "skip"
+    assert (tmp_path / "run/final/model_index.json").is_file()
+    assert [json.loads(l)["step"] for l in open(tmp_path / "run/metrics.jsonl")] == [2]
