@@ -23,7 +23,7 @@ def heldout_denoising_loss(pipe_dir, folder, n=32) -> float:
     p = load_sd_components(str(pipe_dir))
     rows, _ = read_caption_folder(folder)
     rows = rows[:n]
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(r.image_path).convert("RGB"))).permute(2, 0, 1)
+    x = torch.stack([torch.from_numpy(np.array(Image.open(r.image_path).convert("RGB"))).permute(2, 0, 1)
                      for r in rows]).float() / 127.5 - 1
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
