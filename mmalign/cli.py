@@ -33,6 +33,7 @@ def cmd_data_shapeworld(a) -> None:
 def cmd_sample(a) -> None:
     from diffusers import StableDiffusionPipeline
 
+    from .demo import save_samples
     from .diffusion.sampling import sample_images
     from .evals.grid import image_grid
 
@@ -46,11 +47,7 @@ def cmd_sample(a) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(a.model, safety_checker=None, requires_safety_checker=False)
     images = sample_images(pipe, prompts, seeds, steps=a.steps, guidance=a.guidance)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "samples.jsonl", "w") as f:
-        for i, (im, p, s) in enumerate(zip(images, prompts, seeds)):
-            im.save(out / f"{i:05d}.png")
-            f.write(json.dumps({"file_name": f"{i:05d}.png", "prompt": p, "seed": s}) + "\n")
+    save_samples(out, images, prompts, seeds)
     image_grid(images[:64], prompts[:64]).save(out / "grid.png")
     print(f"wrote {len(images)} images to {out}")
 

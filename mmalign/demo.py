@@ -32,13 +32,17 @@ def score_samples(images: list[Image.Image], prompts: list[str]) -> dict:
     return {"summary": summary, "per_sample": per}
 
 
-def save_samples(out: Path, images, prompts, seeds, scores) -> None:
+def save_samples(out: Path, images, prompts, seeds, scores=None) -> None:
+    """samples/*.png plus samples.jsonl (file_name, prompt, seed[, scores]): what `eval` tools read back."""
     (out / "samples").mkdir(parents=True, exist_ok=True)
     with open(out / "samples.jsonl", "w") as f:
-        for i, (im, p, s, sc) in enumerate(zip(images, prompts, seeds, scores)):
+        for i, (im, p, s) in enumerate(zip(images, prompts, seeds)):
             name = f"samples/{i:05d}.png"
             im.save(out / name)
-            f.write(json.dumps({"file_name": name, "prompt": p, "seed": s, "scores": sc}) + "\n")
+            row = {"file_name": name, "prompt": p, "seed": s}
+            if scores is not None:
+                row["scores"] = scores[i]
+            f.write(json.dumps(row) + "\n")
 
 
 def run_demo(out: str | Path, model: str | Path = BASE_PIPELINE, n: int = 512, steps: int = 25,

@@ -60,8 +60,8 @@ class Denoiser(nn.Module):
 
 
 class CachedLatents(torch.utils.data.Dataset):
-    def __init__(self, mean, std, text, captions):
-        self.mean, self.std, self.text, self.captions = mean, std, text, captions
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, text: torch.Tensor):
+        self.mean, self.std, self.text = mean, std, text
 
     def __len__(self):
         return len(self.mean)
@@ -137,7 +137,7 @@ class DiffusionSFT:
         (Path(self.output_dir) / "data_report.json").write_text(json.dumps(self.report.to_dict(), indent=1))
         print(f"data: {self.report.summary()}")
         self.empty_text = self.encode_text([""])[0]
-        return CachedLatents(torch.cat(means), torch.cat(stds), self.encode_text(captions), captions)
+        return CachedLatents(torch.cat(means), torch.cat(stds), self.encode_text(captions))
 
     def collate(self, rows: list[dict]) -> dict:
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
