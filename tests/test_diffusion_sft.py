@@ -115,3 +115,34 @@ def test_corrupt_rows_are_counted_not_fatal(tmp_path, tiny_sd_dir, shapeworld_fo
     strict.build(torch.device("cpu"))
     with pytest.raises(DataError, match="image file not found"):
         strict.dataset()
+
+
+def test_random_flip_keeps_captions_aligned_with_latents(tmp_path, tiny_sd_dir, shapeworld_folder):
+    recipe = write_recipe(tmp_path, tiny_sd_dir, shapeworld_folder,
+                          data={"random_flip": True, "encode_batch": 7})
+    exp = load_experiment(recipe, [], SFTConfig)
+    flip = DiffusionSFT(exp.args, exp.output_dir)
+    flip.build(torch.device("cpu"))
+    ds = flip.dataset()
+    exp.args.data.random_flip = False
+    plain = DiffusionSFT(exp.args, str(tmp_path / "plain"))
+    plain.build(torch.device("cpu"))
+    ref = plain.dataset()
+    assert len(ds) == 2 * len(ref) == 192 and flip.report.kept == 96
+    # every cached row's text is the text of the image it was encoded from (flipped or not)
+    for i in range(len(ref)):
+        chunk, j = divmod(i, 7)
+        n = min(7, len(ref) - chunk * 7)
+        a, b = 14 * chunk + j, 14 * chunk + n + j
+        assert torch.equal(ds.text[a], ref.text[i]) and torch.equal(ds.text[b], ref.text[i])
+        assert torch.allclose(ds.mean[a], ref.mean[i], atol=1e-5)
+        if i % 13 == 0:  # the flipped row holds the latent of the flipped image
+            from mmalign.datasets.records import read_caption_folder
+            from PIL import Image
+            import numpy as np
+            row = read_caption_folder(shapeworld_folder)[0][i]
+            x = torch.from_numpy(np.array(Image.open(row.image_path).convert("RGB"))).permute(2, 0, 1)
+            x = (x.float() / 127.5 - 1).flip(-1)[None]
+            with torch.no_grad():
+                want = flip.parts.vae.encode(x).latent_dist.mean[0]
+            assert torch.allclose(ds.mean[b], want, atol=1e-4)

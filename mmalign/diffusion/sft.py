@@ -115,24 +115,33 @@ class DiffusionSFT:
         res = d.resolution or p.resolution
         prep = T.Compose([T.Resize(res), T.CenterCrop(res), T.PILToTensor(), T.ToDtype(torch.float32, scale=True),
                           T.Normalize([0.5] * 3, [0.5] * 3)])
-        pixels, captions = [], []
-        for r in rows:
+        pending, captions, means, stds = [], [], [], []
+
+        def encode() -> None:
+            x = torch.stack([px for px, _ in pending]).to(self.device)
+            caps = [c for _, c in pending]
+            if d.random_flip:  # both orientations become rows: sampling rows samples flips
+                x, caps = torch.cat([x, x.flip(-1)]), caps + caps
+            with torch.no_grad():
+                post = p.vae.encode(x).latent_dist
+            means.append(post.mean.cpu())
+            stds.append(post.std.cpu())
+            captions.extend(caps)
+            pending.clear()
+
+        self.report.kept = 0
+        for r in rows:  # decode everything now, so a bad image is a counted skip, never a crash mid-epoch
             im = open_rgb(r.image_path, self.report, d.bad_rows, str(r.image_path))
-            if im is not None:
-                pixels.append(prep(im))
-                captions.append(r.caption)
-        self.report.kept = len(pixels)
-        if not pixels:
+            if im is None:
+                continue
+            self.report.kept += 1
+            pending.append((prep(im), r.caption))
+            if len(pending) == d.encode_batch:
+                encode()
+        if pending:
+            encode()
+        if not means:
             raise ValueError(f"{d.path}: no usable rows ({self.report.summary()})")
-        if d.random_flip:  # both orientations are cached; the loss picks one per step
-            pixels += [x.flip(-1) for x in pixels]
-            captions = captions + captions
-        means, stds = [], []
-        with torch.no_grad():
-            for i in range(0, len(pixels), d.encode_batch):
-                post = p.vae.encode(torch.stack(pixels[i:i + d.encode_batch]).to(self.device)).latent_dist
-                means.append(post.mean.cpu())
-                stds.append(post.std.cpu())
         Path(self.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.output_dir) / "data_report.json").write_text(json.dumps(self.report.to_dict(), indent=1))
         print(f"data: {self.report.summary()}")
@@ -169,6 +178,7 @@ class DiffusionSFT:
             StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=get_peft_model_state_dict(policy.unet))
             return
         pipe = StableDiffusionPipeline.from_pretrained(self.cfg.model.pretrained, unet=policy.unet,
-                                                       text_encoder=policy.text_encoder or p.text_encoder,
+                                                       text_encoder=te if (te := policy.text_encoder) is not None
+                                                       else p.text_encoder,
                                                        safety_checker=None, requires_safety_checker=False)
         pipe.save_pretrained(out_dir)
