@@ -19,3 +19,71 @@ def sft_loss(model_err: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Ten
     """
     loss = model_err.mean()
     return loss, {"model_err": loss.detach()}
+
+
+def _half_tie_accuracy(x: torch.Tensor) -> torch.Tensor:
+    return ((x > 0).float() + 0.5 * (x == 0).float()).mean()
+
+
+def diffusion_dpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref_err_w: torch.Tensor,
+                       ref_err_l: torch.Tensor, beta: float = 5000.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Diffusion-DPO (Wallace et al. 2023, arXiv 2311.12908), SDXL/Salesforce beta convention:
+
+        inside = -(beta / 2) * [(err_theta(w) - err_ref(w)) - (err_theta(l) - err_ref(l))]
+        loss   = mean_pairs( -log sigmoid(inside) )
+
+    All inputs are per-sample denoising errors of shape [B] (`per_sample_mse` at ONE shared t and noise per
+    pair). diffusers' SD1.5 example drops the 1/2 and uses beta=2500: the same objective.
+    Metrics: implicit_acc = mean(inside > 0) with ties counted 1/2; reward_w = -beta/2 * (err_theta(w) -
+    err_ref(w)), reward_l likewise; margin = reward_w - reward_l (= inside); model_err, ref_err (means).
+    """
+    shapes = {t.shape for t in (model_err_w, model_err_l, ref_err_w, ref_err_l)}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"diffusion_dpo_loss wants four [B] tensors, got shapes {sorted(map(tuple, shapes))}")
+    reward_w = -0.5 * beta * (model_err_w - ref_err_w)
+    reward_l = -0.5 * beta * (model_err_l - ref_err_l)
+    inside = reward_w - reward_l
+    loss = -torch.nn.functional.logsigmoid(inside).mean()
+    with torch.no_grad():
+        metrics = {"implicit_acc": _half_tie_accuracy(inside), "reward_w": reward_w.mean(),
+                   "reward_l": reward_l.mean(), "margin": inside.mean(),
+                   "model_err": torch.cat([model_err_w, model_err_l]).mean(),
+                   "ref_err": torch.cat([ref_err_w, ref_err_l]).mean()}
+    return loss, metrics
+
+
+def cca_loss_from_deltas(delta_pos: torch.Tensor, delta_neg: torch.Tensor, beta: float,
+                         lam: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Condition Contrastive Alignment (Chen et al., ICLR 2025, arXiv 2410.09347):
+
+        loss = mean( -log sigmoid(beta * delta(x, c)) - lam * log sigmoid(-beta * delta(x, c_neg)) )
+
+    where delta is the policy-vs-reference log-likelihood ratio of x under its own condition c (positive)
+    and under a mismatched condition c_neg (negative; roll the batch's conditions by one). lam plays the role
+    of the guidance scale; sampling afterwards is guidance-free.
+    """
+    if delta_pos.shape != delta_neg.shape or delta_pos.dim() != 1:
+        raise ValueError(f"want two [B] tensors, got {tuple(delta_pos.shape)} and {tuple(delta_neg.shape)}")
+    logsig = torch.nn.functional.logsigmoid
+    pos, neg = -logsig(beta * delta_pos), -lam * logsig(-beta * delta_neg)
+    loss = (pos + neg).mean()
+    with torch.no_grad():
+        metrics = {"loss_pos": pos.mean(), "loss_neg": neg.mean(), "delta_pos": delta_pos.mean(),
+                   "delta_neg": delta_neg.mean(), "cond_acc": _half_tie_accuracy(delta_pos - delta_neg)}
+    return loss, metrics
+
+
+def cca_loss(model_err_pos: torch.Tensor, ref_err_pos: torch.Tensor, model_err_neg: torch.Tensor,
+             ref_err_neg: torch.Tensor, beta: float, lam: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CCA, diffusion form: delta(x, c) = -(err_theta(x_t, c) - err_ref(x_t, c)), all four errors at ONE shared
+    (t, noise) per image, [B] each; then `cca_loss_from_deltas`. (The paper is autoregressive-only; the
+    denoising error stands in for -log-likelihood up to scale, as in Diffusion-DPO.)"""
+    return cca_loss_from_deltas(-(model_err_pos - ref_err_pos), -(model_err_neg - ref_err_neg), beta, lam)
+
+
+def cca_loss_ar(policy_logp_pos: torch.Tensor, ref_logp_pos: torch.Tensor, policy_logp_neg: torch.Tensor,
+                ref_logp_neg: torch.Tensor, beta: float = 0.02,
+                lam: float = 50.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CCA, autoregressive form (token models): delta(x, c) = log p_theta(x|c) - log p_ref(x|c), sequence
+    log-probs summed over tokens, [B] each; defaults are the paper's beta=0.02 and a lam in its 50-1000 range."""
+    return cca_loss_from_deltas(policy_logp_pos - ref_logp_pos, policy_logp_neg - ref_logp_neg, beta, lam)
