@@ -54,8 +54,10 @@ def run_demo(out: str | Path, model: str | Path = BASE_PIPELINE, n: int = 512, s
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    if not (Path(model) / "model_index.json").is_file():
-        raise FileNotFoundError(f"no pipeline at {model}: run scripts/train_shapeworld_base.py to build it")
+    local = Path(model).exists()
+    if (local and not (Path(model) / "model_index.json").is_file()) or (not local and str(model).count("/") != 1):
+        raise FileNotFoundError(f"no pipeline at {model} (a pipeline directory or a hub id owner/name); "
+                                f"the shipped base is rebuilt by scripts/build_shapeworld_base.sh")
     pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, requires_safety_checker=False)
     prompts = heldout_prompts(n)
     seeds = list(range(n))

@@ -66,3 +66,8 @@ def test_train_verb_runs_a_recipe_with_overrides(tmp_path, tiny_sd_dir, shapewor
     assert resolved["data"]["caption_dropout"] == 0.5 and resolved["data"]["bad_rows"] == "skip"
     assert (tmp_path / "run/final/model_index.json").is_file()
     assert [json.loads(l)["step"] for l in open(tmp_path / "run/metrics.jsonl")] == [2]
+
+
+def test_demo_names_a_missing_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no pipeline at"):
+        main(["demo", "--model", str(tmp_path), "--n", "2", "--out", str(tmp_path / "o")])
