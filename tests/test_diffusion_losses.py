@@ -84,3 +84,37 @@ def test_cca_matches_weighted_binary_cross_entropy():
     # the diffusion form is the same objective with delta = -(err_theta - err_ref)
     loss_d, _ = cca_loss(-lp, -rp, -ln, -rn, beta=beta, lam=lam)
     assert torch.allclose(loss_d, loss, rtol=1e-12)
+
+
+def test_inpo_target_recovers_the_forward_process_noise():
+    """Independent formulation: diffusers' DDPMScheduler.add_noise builds x_t from (x0, eps, t); the
+    re-parametrised target must give eps back for every sample's own t."""
+    from diffusers import DDPMScheduler
+
+    from mmalign.diffusion.losses import inpo_target
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, 4, 8, 8, generator=g), torch.randn(5, 4, 8, 8, generator=g)
+    t = torch.tensor([1, 101, 401, 701, 999])
+    x_t = sched.add_noise(x0, eps, t)
+    assert torch.allclose(inpo_target(x_t, x0, sched.alphas_cumprod[t]), eps, atol=1e-4)
+    # by hand for one scalar: abar = 0.64 -> (x_t - 0.8 x0) / 0.6
+    one = inpo_target(torch.tensor([[1.0]]), torch.tensor([[0.5]]), torch.tensor([0.64]))
+    assert one.item() == pytest.approx((1.0 - 0.8 * 0.5) / 0.6)
+
+
+def test_bco_by_hand_and_against_bce():
+    from mmalign.diffusion.losses import bco_loss
+
+    # beta 10, delta 0.1: sample 1 desirable, g = 10 * (0.3 - 0.25) = 0.5 -> -log s(0.4)
+    #                     sample 2 undesirable, g = 10 * (0.2 - 0.22) = -0.2 -> -log s(0.3)
+    loss, m = bco_loss(torch.tensor([0.25, 0.22]), torch.tensor([0.3, 0.2]), torch.tensor([1, 0]), beta=10.0,
+                       delta=0.1)
+    assert loss.item() == pytest.approx((math.log(1 + math.exp(-0.4)) + math.log(1 + math.exp(-0.3))) / 2, rel=1e-5)
+    assert m["reward_mean"].item() == pytest.approx(0.15, rel=1e-5)
+    g = torch.Generator().manual_seed(3)
+    me, re_ = torch.rand(16, generator=g, dtype=torch.float64), torch.rand(16, generator=g, dtype=torch.float64)
+    y = (torch.rand(16, generator=g) > 0.5).double()
+    loss, _ = bco_loss(me, re_, y, beta=3.0, delta=0.2)
+    assert torch.allclose(loss, F.binary_cross_entropy_with_logits(3.0 * (re_ - me) - 0.2, y), rtol=1e-10)

@@ -87,3 +87,39 @@ def cca_loss_ar(policy_logp_pos: torch.Tensor, ref_logp_pos: torch.Tensor, polic
     """CCA, autoregressive form (token models): delta(x, c) = log p_theta(x|c) - log p_ref(x|c), sequence
     log-probs summed over tokens, [B] each; defaults are the paper's beta=0.02 and a lam in its 50-1000 range."""
     return cca_loss_from_deltas(policy_logp_pos - ref_logp_pos, policy_logp_neg - ref_logp_neg, beta, lam)
+
+
+def inpo_target(x_t: torch.Tensor, x0: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
+    """InPO re-parametrised noise target (Lu et al., CVPR 2025, arXiv 2503.18454):
+
+        eps_hat = (x_t - sqrt(abar_t) * x0) / sqrt(1 - abar_t)
+
+    where x_t comes from DDIM inversion of x0 (not from fresh noise) and abar_t [B] is the cumulative alpha
+    of each sample's own timestep. Feeding eps_hat to `per_sample_mse` gives the errors for Diffusion-DPO.
+    """
+    a = alphas_cumprod_t.to(x_t.dtype).view(-1, *[1] * (x_t.dim() - 1))
+    return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+def bco_loss(model_err: torch.Tensor, ref_err: torch.Tensor, desirable: torch.Tensor, beta: float,
+             delta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Binary classifier optimisation for unpaired thumbs-up/down data (BCO, Jung et al. 2024), diffusion form:
+
+        g    = beta * (err_ref(x) - err_theta(x))          implicit reward of each sample, [B]
+        loss = mean( -y * log sigmoid(g - delta) - (1 - y) * log sigmoid(-(g - delta)) )
+
+    with y = 1 for desirable samples and delta a running mean of past rewards, kept by the caller (update it
+    with metrics["reward_mean"]).
+    """
+    if not (model_err.shape == ref_err.shape == desirable.shape) or model_err.dim() != 1:
+        raise ValueError("bco_loss wants three [B] tensors")
+    y = desirable.to(model_err.dtype)
+    g = beta * (ref_err - model_err)
+    logsig = torch.nn.functional.logsigmoid
+    loss = -(y * logsig(g - delta) + (1 - y) * logsig(-(g - delta))).mean()
+    with torch.no_grad():
+        up, down = g[y > 0.5], g[y < 0.5]
+        metrics = {"reward_mean": g.mean(),
+                   "reward_desirable": up.mean() if len(up) else g.new_tensor(0.0),
+                   "reward_undesirable": down.mean() if len(down) else g.new_tensor(0.0)}
+    return loss, metrics
