@@ -25,8 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
+from PIL import Image
 
 from mmalign.datasets.shapeworld import render_scene, sample_scenes, score_image
+from mmalign.demo import score_samples
 from mmalign.diffusion.losses import per_sample_mse
 from mmalign.diffusion.sampling import sample_images
 from mmalign.diffusion.tiny import build_pipeline, load_architecture
@@ -39,14 +41,11 @@ def to_pixels(images) -> torch.Tensor:
     return x.float() / 127.5 - 1.0
 
 
-def evaluate(pipe, unet_ema, scenes, seeds, steps, guidance) -> dict:
-    live = pipe.unet
-    pipe.unet = unet_ema
-    images = sample_images(pipe, [s.caption for s in scenes], seeds, steps=steps, guidance=guidance)
-    pipe.unet = live
-    scores = [score_image(im, s.caption) for im, s in zip(images, scenes)]
-    keys = sorted({k for sc in scores for k in sc})
-    return {k: round(float(np.mean([sc[k] for sc in scores if k in sc])), 4) for k in keys}
+def evaluate(pipe, scenes, seeds, steps, guidance) -> dict:
+    """Mean per-attribute accuracy of the pipeline's samples (the demo's scoring)."""
+    prompts = [s.caption for s in scenes]
+    images = sample_images(pipe, prompts, seeds, steps=steps, guidance=guidance)
+    return {k: v["mean"] for k, v in score_samples(images, prompts)["summary"].items()}
 
 
 def main():
@@ -117,7 +116,6 @@ def main():
         check = [render_scene(s, res) for s in eval_scenes[:64]]
         x = to_pixels(check)
         rec = ((vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1) + 1) * 127.5).round().byte()
-        from PIL import Image
         rec_imgs = [Image.fromarray(r.permute(1, 2, 0).numpy()) for r in rec]
         rec_acc = float(np.mean([score_image(im, s.caption)["correct"] for im, s in zip(rec_imgs, eval_scenes)]))
     emit({"phase": "vae_done", "scaling_factor": round(scale, 4), "recon_scorer_acc": rec_acc,
@@ -165,7 +163,7 @@ def main():
         if step % a.eval_every == 0 or step == a.unet_steps:
             saved = pipe.unet, pipe.text_encoder
             pipe.unet, pipe.text_encoder = ema_unet, ema_te
-            acc = evaluate(pipe, ema_unet, eval_scenes, eval_seeds, steps=25, guidance=4.0)
+            acc = evaluate(pipe, eval_scenes, eval_seeds, steps=25, guidance=4.0)
             pipe.save_pretrained(out)
             pipe.unet, pipe.text_encoder = saved
             emit({"phase": "eval", "step": step, "heldout": acc, "n": len(eval_scenes), "s": round(time.time() - t0)})

@@ -1,30 +1,33 @@
 """Diffusion SFT on the core trainer: held-out denoising loss falls; exports load in diffusers."""
 import json
 
+import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
 from mmalign.core.config import load_experiment
 from mmalign.core.trainer import train
-from mmalign.datasets.records import DataError
+from mmalign.datasets.records import DataError, read_caption_folder
 from mmalign.datasets.shapeworld.export import write_dataset
 from mmalign.diffusion.pipeline import load_sd_components, tokenize
 from mmalign.diffusion.sft import DiffusionSFT, SFTConfig
 from mmalign.diffusion.tokenizers import clip_bpe_tokenizer
 
 
+def pixels(rows) -> torch.Tensor:
+    """Images of caption rows as a [-1, 1] batch, the SFT method's preprocessing at native resolution."""
+    x = torch.stack([torch.from_numpy(np.array(Image.open(r.image_path).convert("RGB"))) for r in rows])
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def heldout_denoising_loss(pipe_dir, folder, n=32) -> float:
     """Denoising MSE on held-out images at fixed (t, noise): the same draws for every model compared."""
-    from mmalign.datasets.records import read_caption_folder
-    from PIL import Image
-    import numpy as np
-
     p = load_sd_components(str(pipe_dir))
-    rows, _ = read_caption_folder(folder)
-    rows = rows[:n]
-    x = torch.stack([torch.from_numpy(np.array(Image.open(r.image_path).convert("RGB"))).permute(2, 0, 1)
-                     for r in rows]).float() / 127.5 - 1
+    rows = read_caption_folder(folder)[0][:n]
+    x = pixels(rows)
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
         lat = p.vae.encode(x).latent_dist.mean * p.vae.config.scaling_factor
@@ -36,8 +39,6 @@ def heldout_denoising_loss(pipe_dir, folder, n=32) -> float:
 
 
 def write_recipe(tmp_path, pipe_dir, data_dir, **extra) -> str:
-    import yaml
-
     cfg = {"method": "diffusion_sft", "output_dir": str(tmp_path / "run"),
            "train": {"lr": 2e-3, "max_steps": 40, "batch_size": 16, "log_every": 10, "seed": 0},
            "model": {"pretrained": str(pipe_dir)}, "data": {"path": str(data_dir)}}
@@ -137,12 +138,7 @@ def test_random_flip_keeps_captions_aligned_with_latents(tmp_path, tiny_sd_dir, 
         assert torch.equal(ds.text[a], ref.text[i]) and torch.equal(ds.text[b], ref.text[i])
         assert torch.allclose(ds.mean[a], ref.mean[i], atol=1e-5)
         if i % 13 == 0:  # the flipped row holds the latent of the flipped image
-            from mmalign.datasets.records import read_caption_folder
-            from PIL import Image
-            import numpy as np
-            row = read_caption_folder(shapeworld_folder)[0][i]
-            x = torch.from_numpy(np.array(Image.open(row.image_path).convert("RGB"))).permute(2, 0, 1)
-            x = (x.float() / 127.5 - 1).flip(-1)[None]
+            x = pixels(read_caption_folder(shapeworld_folder)[0][i:i + 1]).flip(-1)
             with torch.no_grad():
                 want = flip.parts.vae.encode(x).latent_dist.mean[0]
             assert torch.allclose(ds.mean[b], want, atol=1e-4)

@@ -59,6 +59,7 @@ def _check_policy(policy: str) -> None:
 
 def reject(report: SkipReport, policy: str, reason: str, where: str) -> None:
     """Apply the policy to one bad row: raise under "error", count under "skip"."""
+    _check_policy(policy)
     if policy == "error":
         raise DataError(f"{where}: {reason}")
     report.skip(reason, where)

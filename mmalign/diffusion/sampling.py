@@ -12,7 +12,6 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], steps: int = 25, g
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     res = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     pipe.set_progress_bar_config(disable=True)
-    device = pipe.unet.device
     images: list[Image.Image] = []
     for i in range(0, len(prompts), batch_size):
         gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
