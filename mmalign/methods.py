@@ -1,5 +1,8 @@
-"""The methods `mmalign train` knows, by the name a recipe's `method:` key uses (a flat dict)."""
+"""The methods `mmalign train` knows, by the name a recipe's `method:` key uses."""
 from __future__ import annotations
+
+PAIR_METHOD_NAMES = ("diffusion_dpo", "diffusion_sft_winners", "inpo", "inversion_dpo", "diffusion_cca",
+                     "diffusion_bco")
 
 
 def _diffusion_sft():
@@ -7,7 +10,14 @@ def _diffusion_sft():
     return DiffusionSFT
 
 
-METHODS = {"diffusion_sft": _diffusion_sft}
+def _pair_method(name: str):
+    def load():
+        from .diffusion.objectives import PAIR_METHODS
+        return PAIR_METHODS[name]
+    return load
+
+
+METHODS = {"diffusion_sft": _diffusion_sft, **{n: _pair_method(n) for n in PAIR_METHOD_NAMES}}
 
 
 def method_class(name: str):

@@ -38,3 +38,17 @@ def shapeworld_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("sw") / "data"
     write_dataset(root, 96, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A StableDiffusionXLPipeline directory (two CLIP text encoders, text_time UNet) with the real CLIP BPE
+    tokenizer for both encoders, random weights."""
+    from mmalign.diffusion.tiny import build_sdxl_pipeline
+    from mmalign.diffusion.tokenizers import clip_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_sdxl")
+    tok = clip_bpe_tokenizer(root / "bpe", model_max_length=16)
+    pipe = build_sdxl_pipeline(tiny_arch(), seed=0, tokenizer=tok)
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe"

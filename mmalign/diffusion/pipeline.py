@@ -1,5 +1,10 @@
-"""Loading StableDiffusionPipeline-format components (local directory or hub id, same code path) and
-encoding prompts."""
+"""Loading Stable Diffusion components (SD1.5-style or SDXL; local directory or hub id, same code path), and
+the conditioning interface every training method uses, so that methods are SD1.5/SDXL-agnostic:
+
+    cond = encode_prompts(parts, captions, device)          # {"ctx"} or {"ctx", "pooled"}, CPU fp32
+    cond["time_ids"] = make_time_ids(orig, crop, (R, R))    # SDXL only, from `preprocess`'s info
+    pred = denoise(unet, x_t, t, cond)
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,43 +12,157 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import AutoTokenizer, CLIPTextModel
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 
 @dataclass
 class SDComponents:
     source: str
     tokenizer: object
-    text_encoder: CLIPTextModel
+    text_encoder: CLIPTextModel | None  # None only for SDXL pipelines with encoder 2 alone (the refiner)
     vae: AutoencoderKL
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler  # the training-time forward process, from the pipeline's scheduler config
+    tokenizer_2: object = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
 
     @property
     def resolution(self) -> int:
         return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
 
 def load_sd_components(source: str, dtype: torch.dtype = torch.float32) -> SDComponents:
-    """Load tokenizer, text encoder, VAE, UNet and scheduler from a pipeline directory or hub id.
+    """Load tokenizer(s), text encoder(s), VAE, UNet and scheduler from a pipeline directory or hub id.
 
-    The VAE stays in fp32 whatever `dtype` is (fp16 VAEs overflow); the scheduler used for training is a
-    DDPMScheduler built from the pipeline's own scheduler config (same betas, prediction type)."""
+    SDXL (model_index.json's `_class_name` contains "XL", or it lists a `text_encoder_2`) also gets
+    tokenizer_2 / text_encoder_2. The VAE stays in fp32 whatever `dtype` is (fp16 VAEs overflow; SDXL's NaNs);
+    the scheduler used for training is a DDPMScheduler built from the pipeline's own scheduler config (same
+    betas, prediction type)."""
+    from diffusers import DiffusionPipeline
+
     if "/" not in source and not Path(source).exists():
         raise FileNotFoundError(f"pipeline not found: {source!r} is neither a directory nor a hub id (owner/name)")
     if Path(source).exists() and not (Path(source) / "model_index.json").is_file():
         raise FileNotFoundError(f"{source} is not a diffusers pipeline directory (no model_index.json)")
-    tok = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
-    te = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype)
+    index = DiffusionPipeline.load_config(source)
+
+    def present(name: str) -> bool:  # "text_encoder": [null, null] in SDXL-refiner-style indexes
+        entry = index.get(name)
+        return isinstance(entry, (list, tuple)) and entry[0] is not None
+
+    sdxl = "XL" in index.get("_class_name", "") or present("text_encoder_2")
+    tok = te = tok2 = te2 = None
+    if present("text_encoder") or not sdxl:
+        tok = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+        te = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype)
+    if sdxl:
+        tok2 = AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2")
+        te2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", dtype=dtype)
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32)
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
     sched = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
-    return SDComponents(source, tok, te, vae, unet, sched)
+    return SDComponents(source, tok, te, vae, unet, sched, tok2, te2)
+
+
+def pipeline_class(parts: SDComponents):
+    """The diffusers pipeline class for exports and sampling."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if parts.is_sdxl else StableDiffusionPipeline
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def encode_prompts(parts: SDComponents, captions: list[str], device, batch: int = 256) -> dict[str, torch.Tensor]:
+    """Text conditioning as the diffusers pipelines compute it (no CFG, no clip_skip), CPU fp32.
+
+    SD1.5: {"ctx": last hidden state}. SDXL (StableDiffusionXLPipeline.encode_prompt): {"ctx": penultimate
+    hidden states of encoder 1 and encoder 2 concatenated, "pooled": encoder 2's projected pooled output
+    (`text_embeds`)}."""
+    ctx, pooled = [], []
+    for i in range(0, len(captions), batch):
+        chunk = captions[i:i + batch]
+        if not parts.is_sdxl:
+            te = parts.text_encoder
+            enc = parts.tokenizer(chunk, padding="max_length", max_length=parts.tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt")
+            mask = enc.attention_mask.to(device) if getattr(te.config, "use_attention_mask", False) else None
+            ctx.append(te(enc.input_ids.to(device), attention_mask=mask)[0].float().cpu())
+            continue
+        hidden = []
+        for tok, te in ((parts.tokenizer, parts.text_encoder), (parts.tokenizer_2, parts.text_encoder_2)):
+            if te is None:
+                continue
+            out = te(tokenize(tok, chunk).to(device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+        ctx.append(torch.cat(hidden, dim=-1).float().cpu())
+        pooled.append(out.text_embeds.float().cpu())  # `out` is text_encoder_2's
+    cond = {"ctx": torch.cat(ctx)}
+    if pooled:
+        cond["pooled"] = torch.cat(pooled)
+    return cond
+
+
+def preprocess(image, resolution: int, flip: bool = False) -> tuple[torch.Tensor, dict]:
+    """PIL image -> [3, R, R] tensor in [-1, 1]: resize the shorter side to R (bilinear, antialiased), center
+    crop (offsets as torchvision's CenterCrop and diffusers' SDXL example: round((size - R) / 2)), optionally
+    mirror. Returns SDXL's size info: `original_size` = (h, w) of the input, `crop_top_left` = (top, left) of
+    the crop in the resized image -- with `flip`, in the mirrored resized image (left' = W - left - R), so it
+    always describes the crop the model actually sees."""
+    from torchvision.transforms.v2 import functional as F
+
+    image = image.convert("RGB")
+    w, h = image.size
+    short, long = (h, w) if h <= w else (w, h)
+    new_short, new_long = resolution, int(resolution * long / short)  # torchvision's Resize(int) rule
+    rh, rw = (new_short, new_long) if h <= w else (new_long, new_short)
+    image = F.resize(image, [rh, rw], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+    top, left = int(round((rh - resolution) / 2.0)), int(round((rw - resolution) / 2.0))
+    image = F.crop(image, top, left, resolution, resolution)
+    if flip:
+        image, left = F.horizontal_flip(image), rw - left - resolution
+    x = F.pil_to_tensor(image).float().div(127.5).sub(1.0)
+    return x, {"original_size": (h, w), "crop_top_left": (top, left)}
+
+
+def make_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: tuple[int, int]
+                  ) -> torch.Tensor:
+    """SDXL's micro-conditioning, [N, 6] = (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
+    original_size, crop_top_left = torch.as_tensor(original_size), torch.as_tensor(crop_top_left)
+    target = torch.tensor(target_size).expand(len(original_size), 2)
+    return torch.cat([original_size, crop_top_left, target], dim=1).float()
+
+
+def unet_kwargs(cond: dict[str, torch.Tensor]) -> dict:
+    """A batch's cond dict -> UNet keyword arguments."""
+    kwargs = {"encoder_hidden_states": cond["ctx"]}
+    if "pooled" in cond:
+        if "time_ids" not in cond:
+            raise KeyError("SDXL conditioning has 'pooled' but no 'time_ids': add "
+                           "cond['time_ids'] = make_time_ids(original_size, crop_top_left, (R, R))")
+        kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
+    return kwargs
+
+
+def denoise(unet, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The UNet's prediction for x_t at timesteps t; cond tensors are moved to x_t's device and dtype."""
+    cond = {k: v.to(x_t.device, x_t.dtype) for k, v in cond.items()}
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":
+        missing = [k for k in ("pooled", "time_ids") if k not in cond]
+        if missing:
+            raise KeyError(f"SDXL UNet needs cond keys {missing} (pooled: encode_prompts; "
+                           "time_ids: make_time_ids)")
+        if cond["time_ids"].shape != (len(x_t), 6):
+            raise ValueError(f"time_ids must be [N, 6] = [{len(x_t)}, 6], got {tuple(cond['time_ids'].shape)}")
+    return unet(x_t, t, **unet_kwargs(cond)).sample
 
 
 def diffusion_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,

@@ -175,7 +175,9 @@ class DiffusionSFT:
         if self.cfg.model.lora_rank > 0:
             from peft.utils import get_peft_model_state_dict
 
-            StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=get_peft_model_state_dict(policy.unet))
+            StableDiffusionPipeline.save_lora_weights(  # the metadata carries lora_alpha (else loaders assume alpha = r)
+                out_dir, unet_lora_layers=get_peft_model_state_dict(policy.unet),
+                unet_lora_adapter_metadata=policy.unet.peft_config["default"].to_dict())
             return
         pipe = StableDiffusionPipeline.from_pretrained(self.cfg.model.pretrained, unet=policy.unet,
                                                        text_encoder=te if (te := policy.text_encoder) is not None

@@ -1,0 +1,201 @@
+"""Preference pairs in the Pick-a-Pic v2 format, validated row by row.
+
+Row schema: `caption` (str), `jpg_0`, `jpg_1` (an image: raw encoded bytes, a dict {"bytes": b, "path": p} as the
+Hugging Face Image feature stores it in parquet, or a path relative to the source file's folder, or absolute) and
+`label_0`: 1 means jpg_0 is preferred, 0 means jpg_1 is preferred, 0.5 is a tie. Other columns are kept in `extra`.
+
+Sources: a `.jsonl` or `.parquet` file; a folder with `metadata.jsonl` or `*.parquet` shards; a folder written by
+`datasets` `save_to_disk`; a `datasets.Dataset`; or a hub id `owner/name` (loaded with `datasets.load_dataset`).
+
+Policies. A tie is not a bad row and is never read as "jpg_0 wins": under ties="drop" it is counted in the report as
+"tie (label_0=0.5)", under ties="error" it raises `DataError` naming the row. A bad row (invalid JSON, missing or
+non-string caption, missing image, image file not found, label_0 other than 0, 0.5 or 1) is a counted skip with its
+reason (bad_rows="skip") or a `DataError` naming the file and line/row (bad_rows="error"), as in `records.py`.
+`load_pair_images` decodes both images fully, so a corrupt one is found while building a cache, not mid-epoch.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from PIL import Image
+
+from .records import DataError, SkipReport, _check_policy, open_rgb, reject
+
+TIE_POLICIES = ("drop", "error")
+TIE_REASON = "tie (label_0=0.5)"
+_CORE = ("caption", "jpg_0", "jpg_1", "label_0")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    caption: str
+    image_w: bytes | Path  # the preferred image: raw encoded bytes or a file path
+    image_l: bytes | Path  # the rejected image
+    where: str             # "file:line" or "dataset[row]" for messages
+    extra: dict            # other columns kept (e.g. scores)
+
+
+class _Bad(str):
+    """A row that could not even be parsed; the string is the reason."""
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any, Path]]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{n}", json.loads(line), path.parent
+            except json.JSONDecodeError as e:
+                yield f"{path}:{n}", _Bad(f"invalid JSON ({e.msg})"), path.parent
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any, Path]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from e
+    i = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+        for row in batch.to_pylist():
+            yield f"{path}[{i}]", row, path.parent
+            i += 1
+
+
+def _dataset_rows(ds: Any, name: str = "dataset") -> Iterator[tuple[str, Any, Path | None]]:
+    if hasattr(ds, "keys") and not hasattr(ds, "features"):  # a DatasetDict
+        if "train" not in ds:
+            raise DataError(f"{name}: a DatasetDict without a 'train' split (splits: {list(ds.keys())})")
+        ds = ds["train"]
+    features = getattr(ds, "features", None) or {}
+    for col in ("jpg_0", "jpg_1"):  # keep encoded bytes: decoding happens in load_pair_images
+        if type(features.get(col)).__name__ == "Image":
+            import datasets
+            ds = ds.cast_column(col, datasets.Image(decode=False))
+    for i, row in enumerate(ds):
+        yield f"{name}[{i}]", row, None
+
+
+def _rows(source: Any) -> Iterator[tuple[str, Any, Path | None]]:
+    if not isinstance(source, (str, os.PathLike)):
+        return _dataset_rows(source)
+    p = Path(source)
+    if p.is_file():
+        if p.suffix == ".jsonl":
+            return _jsonl_rows(p)
+        if p.suffix == ".parquet":
+            return _parquet_rows(p)
+        raise DataError(f"{p}: unsupported pair file (expected .jsonl or .parquet)")
+    if p.is_dir():
+        if (p / "metadata.jsonl").is_file():
+            return _jsonl_rows(p / "metadata.jsonl")
+        if any((p / m).is_file() for m in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            import datasets
+            return _dataset_rows(datasets.load_from_disk(str(p)), str(p))
+        shards = sorted(p.glob("*.parquet"))
+        if shards:
+            return (r for s in shards for r in _parquet_rows(s))
+        raise DataError(f"{p}: no metadata.jsonl, *.parquet shards or save_to_disk dataset in this folder")
+    s = str(source)
+    if _HUB_ID.fullmatch(s) and p.suffix not in (".jsonl", ".parquet", ".json", ".arrow"):
+        import datasets
+        return _dataset_rows(datasets.load_dataset(s, split="train"), s)
+    raise FileNotFoundError(f"pair source {s!r}: no such file or folder (and not a hub id like 'owner/name')")
+
+
+def _image(value: Any, base: Path | None, col: str) -> bytes | Path | str:
+    """The image as bytes or an existing path; a plain str return value is the reason it is bad."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)) and len(value):
+        return bytes(value)
+    if isinstance(value, str) and value:
+        path = Path(value) if base is None or Path(value).is_absolute() else base / value
+        return path if path.is_file() else "image file not found"
+    return f"missing {col}"
+
+
+def _label(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return float(value) if value in (0, 0.5, 1) else None
+
+
+def read_pairs(source: Any, ties: str = "drop", bad_rows: str = "skip") -> tuple[list[PairRecord], SkipReport]:
+    """The valid, non-tied pairs of `source` (oriented winner/loser) and a report of every row left out."""
+    _check_policy(bad_rows)
+    if ties not in TIE_POLICIES:
+        raise ValueError(f"tie policy must be one of {TIE_POLICIES}, got {ties!r}")
+    report, out = SkipReport(), []
+    for where, row, base in _rows(source):
+        report.total += 1
+        if isinstance(row, _Bad) or not isinstance(row, dict):
+            reject(report, bad_rows, row if isinstance(row, _Bad) else "row is not a JSON object", where)
+            continue
+        if not isinstance(row.get("caption"), str):
+            reject(report, bad_rows, "missing or non-string caption", where)
+            continue
+        label = _label(row.get("label_0"))
+        if label is None:
+            reject(report, bad_rows, "label_0 missing or not 0, 0.5 or 1", where)
+            continue
+        img0, img1 = _image(row.get("jpg_0"), base, "jpg_0"), _image(row.get("jpg_1"), base, "jpg_1")
+        bad = next((i for i in (img0, img1) if isinstance(i, str)), None)
+        if bad is not None:
+            reject(report, bad_rows, bad, where)
+            continue
+        if label == 0.5:
+            if ties == "error":
+                raise DataError(f"{where}: {TIE_REASON}: a tie has no preferred image (use ties='drop')")
+            report.skip(TIE_REASON, where)
+            continue
+        w, l = (img0, img1) if label == 1 else (img1, img0)
+        out.append(PairRecord(row["caption"], w, l, where, {k: v for k, v in row.items() if k not in _CORE}))
+    report.kept = len(out)
+    return out, report
+
+
+def load_pair_images(rec: PairRecord, report: SkipReport,
+                     bad_rows: str) -> tuple[Image.Image, Image.Image] | None:
+    """Both images fully decoded as RGB (winner, loser); None when one is unreadable and the pair skipped.
+
+    A skipped pair is counted as "unreadable image" and taken off `report.kept`, so kept + skipped == total.
+    """
+    images = []
+    for side, src in (("winner", rec.image_w), ("loser", rec.image_l)):
+        im = open_rgb(io.BytesIO(src) if isinstance(src, bytes) else src, report, bad_rows, f"{rec.where} {side}")
+        if im is None:
+            report.kept = max(0, report.kept - 1)
+            return None
+        images.append(im)
+    return images[0], images[1]
+
+
+def write_pairs_jsonl(out_dir: str | Path, rows: Iterable[tuple[str, Image.Image, Image.Image, dict]]) -> Path:
+    """Write (caption, winner, loser, extra) pairs as `out_dir/images/*.png` + `metadata.jsonl`; returns the latter.
+
+    Rows follow the Pick-a-Pic format: jpg_0 is the winner, jpg_1 the loser, label_0 = 1, extra keys merged in.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    meta, tmp = out_dir / "metadata.jsonl", out_dir / "metadata.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i, (caption, image_w, image_l, extra) in enumerate(rows):
+            clash = set(extra or {}) & set(_CORE)
+            if clash:
+                raise ValueError(f"pair {i}: extra keys {sorted(clash)} clash with the Pick-a-Pic columns")
+            names = [f"images/{i:06d}_0.png", f"images/{i:06d}_1.png"]
+            image_w.convert("RGB").save(out_dir / names[0])
+            image_l.convert("RGB").save(out_dir / names[1])
+            row = {"caption": caption, "jpg_0": names[0], "jpg_1": names[1], "label_0": 1, **(extra or {})}
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, meta)
+    return meta

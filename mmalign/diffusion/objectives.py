@@ -1,0 +1,162 @@
+"""The pair objectives for diffusion models, each a `DiffusionPreference` with its own `loss`.
+
+| method                 | what the policy sees                                   | loss (losses.py / inversion_dpo.py)  |
+|------------------------|--------------------------------------------------------|--------------------------------------|
+| diffusion_dpo          | one t and noise per pair, shared by winner and loser   | diffusion_dpo_loss                   |
+| diffusion_sft_winners  | winners only, plain denoising                          | sft_loss                             |
+| inpo                   | x_t from DDIM inversion of each image by the policy    | diffusion_dpo_loss on inpo_target    |
+| inversion_dpo          | the reference's deterministic inversion trajectory     | inversion_dpo_loss                   |
+| diffusion_cca          | winners under their caption and a rolled caption       | cca_loss                             |
+| diffusion_bco          | winners desirable, losers undesirable, unpaired        | bco_loss                             |
+"""
+from __future__ import annotations
+
+import torch
+
+from .inversion import ddim_invert, eps_from_prediction, inversion_grid, inversion_trajectory
+from .inversion_dpo import inversion_dpo_loss
+from .losses import bco_loss, cca_loss, diffusion_dpo_loss, inpo_target, per_sample_mse, sft_loss
+from .pipeline import diffusion_target
+from .preference import DiffusionPreference, cat_cond
+
+
+class DiffusionDPO(DiffusionPreference):
+    def loss(self, policy, batch):
+        lat_w, lat_l, view = self.pair_latents(batch)
+        cond_w, cond_l = self.pair_cond(batch, view)
+        n = len(lat_w)
+        noise = torch.randn_like(lat_w).repeat(2, 1, 1, 1)
+        t = self.sample_t(n).repeat(2)
+        x0 = torch.cat([lat_w, lat_l])
+        x_t = self.parts.noise_scheduler.add_noise(x0, noise, t)
+        cond = cat_cond(cond_w, cond_l)
+        target = diffusion_target(self.parts.noise_scheduler, x0, noise, t)
+        err = per_sample_mse(policy(x_t, t, cond), target)  # one forward over [winners; losers]
+        ref_err = per_sample_mse(self.ref_forward(x_t, t, cond), target)
+        return diffusion_dpo_loss(*err.chunk(2), *ref_err.chunk(2), beta=self.cfg.objective.beta)
+
+
+class DiffusionSFTWinners(DiffusionPreference):
+    needs_reference = False
+
+    def loss(self, policy, batch):
+        lat_w, _, view = self.pair_latents(batch)
+        cond_w, _ = self.pair_cond(batch, view)
+        noise = torch.randn_like(lat_w)
+        t = self.sample_t(len(lat_w))
+        sched = self.parts.noise_scheduler
+        pred = policy(sched.add_noise(lat_w, noise, t), t, cond_w)
+        return sft_loss(per_sample_mse(pred, diffusion_target(sched, lat_w, noise, t)))
+
+
+class _EpsModel:
+    """Adapts a policy/reference call to the eps-predictor interface of inversion.py."""
+
+    def __init__(self, fn, cond, prediction_type, abar):
+        self.fn, self.cond, self.kind, self.abar = fn, cond, prediction_type, abar
+
+    def __call__(self, x, t, rows=None):
+        cond = self.cond if rows is None else {k: v[rows] for k, v in self.cond.items()}
+        return eps_from_prediction(self.kind, self.fn(x, t, cond), x, t, self.abar)
+
+
+class InPO(DiffusionPreference):
+    """Each image's x_t is its DDIM inversion by the current policy (no grad, conditioned, no CFG), through the
+    inverse grid below each pair's own t; the target is the noise that explains x_t given x0."""
+
+    def loss(self, policy, batch):
+        o, sched = self.cfg.objective, self.parts.noise_scheduler
+        lat_w, lat_l, view = self.pair_latents(batch)
+        cond = cat_cond(*self.pair_cond(batch, view))
+        n = len(lat_w)
+        grid = inversion_grid(sched.config.num_train_timesteps, o.inversion_grid_steps)
+        t = (grid[0] + torch.randint(0, sched.config.num_train_timesteps - grid[0], (n,), device=self.device)).repeat(2)
+        x0 = torch.cat([lat_w, lat_l])
+        noise = torch.randn(2 * n, len(grid) + 1, *x0.shape[1:], device=x0.device) if o.inversion_noise else None
+        with torch.no_grad():
+            eps_policy = _EpsModel(policy, cond, sched.config.prediction_type, self.abar)
+            x_t = ddim_invert(eps_policy, x0, t, self.abar, grid, noise_scale=o.inversion_noise, noise=noise,
+                              rows_aware=True)
+        eps_hat = inpo_target(x_t, x0, self.abar[t])
+        target = diffusion_target(sched, x0, eps_hat, t)
+        err = per_sample_mse(policy(x_t, t, cond), target)
+        ref_err = per_sample_mse(self.ref_forward(x_t, t, cond), target)
+        return diffusion_dpo_loss(*err.chunk(2), *ref_err.chunk(2), beta=o.beta)
+
+
+class InversionDPO(DiffusionPreference):
+    """The reference's deterministic DDIM inversion (inversion_steps) of both images; the policy is evaluated at
+    the stored points with per-step activation checkpointing (memory flat in the number of steps)."""
+
+    def loss(self, policy, batch):
+        o, sched = self.cfg.objective, self.parts.noise_scheduler
+        lat_w, lat_l, view = self.pair_latents(batch)
+        cond_w, cond_l = self.pair_cond(batch, view)
+        kind = sched.config.prediction_type
+        trajs = []
+        for x0, cond in ((lat_w, cond_w), (lat_l, cond_l)):
+            ref_eps = _EpsModel(lambda x, t, c: self.ref_forward(x, t, c), cond, kind, self.abar)
+            trajs.append(inversion_trajectory(ref_eps, x0, self.abar, o.inversion_steps,
+                                              sched.config.num_train_timesteps))
+        both = cat_cond(cond_w, cond_l)
+        policy_eps = _EpsModel(policy, both, kind, self.abar)
+        return inversion_dpo_loss(policy_eps, trajs[0], trajs[1], lat_w, lat_l, self.abar, beta=o.beta)
+
+
+class DiffusionCCA(DiffusionPreference):
+    """Winners under their own caption (positives; a share under the empty caption) and under the caption of
+    the next pair (negatives, captions rolled by one, SDXL pooled embeds with them, time_ids kept); one shared
+    t and noise per image for policy, reference, positive and negative."""
+
+    def loss(self, policy, batch):
+        o, sched = self.cfg.objective, self.parts.noise_scheduler
+        lat, _, view = self.pair_latents(batch)
+        pos, _ = self.pair_cond(batch, view)
+        n = len(lat)
+        if n < 2:
+            raise ValueError("diffusion_cca needs batch_size >= 2 (negatives are the other rows' captions)")
+        neg = {k: (v if k == "time_ids" else v.roll(-1, dims=0)) for k, v in pos.items()}
+        if o.cca_uncond_ratio > 0:
+            null = torch.rand(n, device=lat.device) < o.cca_uncond_ratio
+            pos = {k: (v if k == "time_ids" else torch.where(null.view(-1, *[1] * (v.dim() - 1)),
+                                                             self.empty[k].to(v), v)) for k, v in pos.items()}
+        noise = torch.randn_like(lat).repeat(2, 1, 1, 1)
+        t = self.sample_t(n).repeat(2)
+        x0 = lat.repeat(2, 1, 1, 1)
+        x_t = sched.add_noise(x0, noise, t)
+        cond = cat_cond(pos, neg)
+        target = diffusion_target(sched, x0, noise, t)
+        err = per_sample_mse(policy(x_t, t, cond), target)
+        ref_err = per_sample_mse(self.ref_forward(x_t, t, cond), target)
+        e_pos, e_neg = err.chunk(2)
+        r_pos, r_neg = ref_err.chunk(2)
+        return cca_loss(e_pos, r_pos, e_neg, r_neg, beta=o.beta, lam=o.cca_lambda)
+
+
+class DiffusionBCO(DiffusionPreference):
+    """Unpaired: every winner is a thumbs-up sample, every loser a thumbs-down one, each with its own t and
+    noise; delta is the running mean of the implicit rewards."""
+
+    def __init__(self, cfg, output_dir):
+        super().__init__(cfg, output_dir)
+        self.delta = 0.0
+
+    def loss(self, policy, batch):
+        o, sched = self.cfg.objective, self.parts.noise_scheduler
+        lat_w, lat_l, view = self.pair_latents(batch)
+        cond = cat_cond(*self.pair_cond(batch, view))
+        x0 = torch.cat([lat_w, lat_l])
+        noise = torch.randn_like(x0)
+        t = self.sample_t(len(x0))
+        x_t = sched.add_noise(x0, noise, t)
+        target = diffusion_target(sched, x0, noise, t)
+        err = per_sample_mse(policy(x_t, t, cond), target)
+        ref_err = per_sample_mse(self.ref_forward(x_t, t, cond), target)
+        label = torch.cat([torch.ones(len(lat_w)), torch.zeros(len(lat_l))]).to(err)
+        loss, metrics = bco_loss(err, ref_err, label, beta=o.beta, delta=self.delta)
+        self.delta = o.bco_delta_decay * self.delta + (1 - o.bco_delta_decay) * float(metrics["reward_mean"])
+        return loss, {**metrics, "delta": self.delta}
+
+
+PAIR_METHODS = {"diffusion_dpo": DiffusionDPO, "diffusion_sft_winners": DiffusionSFTWinners, "inpo": InPO,
+                "inversion_dpo": InversionDPO, "diffusion_cca": DiffusionCCA, "diffusion_bco": DiffusionBCO}

@@ -1,0 +1,72 @@
+"""On-policy AI-feedback pairs: sample the model N times per prompt with fixed seeds, score every sample, keep
+the best against the worst. Prompts whose samples all score the same give no preference and are counted."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+from ..datasets.pairs import write_pairs_jsonl
+from ..datasets.records import SkipReport
+from .sampling import sample_images
+
+Scorer = Callable[[Image.Image, str], float]
+
+
+def shapeworld_reward(image: Image.Image, prompt: str) -> float:
+    """The exact ShapeWorld scorer as one number: the share of the caption's attributes that hold, plus 1 when
+    all of them do (so a fully correct sample always beats a nearly correct one)."""
+    from ..datasets.shapeworld import score_image
+
+    s = score_image(image, prompt)
+    attrs = [v for k, v in s.items() if k != "correct"]
+    return sum(attrs) / len(attrs) + s["correct"]
+
+
+SCORERS: dict[str, Scorer] = {"shapeworld": shapeworld_reward}
+
+
+def get_scorer(name: str) -> Scorer:
+    if name not in SCORERS:
+        raise ValueError(f"unknown scorer {name!r} (known: {', '.join(sorted(SCORERS))})")
+    return SCORERS[name]
+
+
+def best_vs_worst(scores: list[float]) -> tuple[int, int] | None:
+    """Indices (best, worst); the first one wins a tie at either end; None when every score is equal."""
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    worst = min(range(len(scores)), key=lambda i: (scores[i], i))
+    return None if scores[best] == scores[worst] else (best, worst)
+
+
+def make_onpolicy_pairs(pipe, prompts: list[str], per_prompt: int, out_dir: str | Path, scorer: Scorer,
+                        seed: int = 0, steps: int = 25, guidance: float = 4.0, batch_size: int = 64) -> dict:
+    """Write a Pick-a-Pic-format pair folder (jpg_0 = best, jpg_1 = worst, label_0 = 1, with scores and seeds)
+    and `pairs_report.json`. Sample j of prompt i uses seed `seed + i * per_prompt + j`."""
+    if per_prompt < 2:
+        raise ValueError(f"per_prompt must be >= 2 to form a pair, got {per_prompt}")
+    t0 = time.time()
+    flat = [p for p in prompts for _ in range(per_prompt)]
+    seeds = [seed + k for k in range(len(flat))]
+    images = sample_images(pipe, flat, seeds, steps=steps, guidance=guidance, batch_size=batch_size)
+    scores = [scorer(im, p) for im, p in zip(images, flat)]
+    report, rows = SkipReport(total=len(prompts)), []
+    for i, prompt in enumerate(prompts):
+        k = slice(i * per_prompt, (i + 1) * per_prompt)
+        pick = best_vs_worst(scores[k])
+        if pick is None:
+            report.skip("no preference (all samples scored equal)", prompt)
+            continue
+        b, w = (i * per_prompt + j for j in pick)
+        rows.append((prompt, images[b], images[w], {"score_0": scores[b], "score_1": scores[w],
+                                                    "seed_0": seeds[b], "seed_1": seeds[w]}))
+    report.kept = len(rows)
+    write_pairs_jsonl(out_dir, rows)
+    info = {"prompts": len(prompts), "per_prompt": per_prompt, "pairs": len(rows), "report": report.to_dict(),
+            "mean_score": sum(scores) / len(scores), "sampler": {"steps": steps, "guidance": guidance},
+            "seconds": round(time.time() - t0, 1)}
+    (Path(out_dir) / "pairs_report.json").write_text(json.dumps(info, indent=1))
+    return info

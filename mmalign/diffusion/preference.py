@@ -1,0 +1,182 @@
+"""Preference training of SD1.5/SDXL-format pipelines from pairs: the shared machinery (models, reference,
+cached pair tensors, per-pair augmentation, export). The objectives live in `objectives.py`.
+
+Every method trains the UNet (full or LoRA) against frozen, cached text and image encodings; one recipe key,
+`method:`, picks the objective. The reference is a frozen copy or the policy with its adapters off.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.reference import KINDS, make_reference
+from .pair_tensors import PairTensors, build_pair_tensors
+from .pipeline import SDComponents, denoise, load_sd_components, make_time_ids, pipeline_class
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class PrefModelConfig:
+    pretrained: str  # pipeline directory or hub id (SD1.5- or SDXL-format; detected)
+    lora_rank: int = 0  # 0: full fine-tune of the UNet
+    lora_alpha: int = 0  # 0: same as rank
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    reference: str = "frozen_copy"  # frozen_copy | adapters_off (needs lora_rank > 0)
+
+
+@dataclass
+class PairDataConfig:
+    path: str  # Pick-a-Pic-format pairs: jsonl / parquet / folder / HF datasets dir or hub id
+    resolution: int = 0  # 0: the model's native resolution
+    ties: str = "drop"  # drop (counted) | error
+    bad_rows: str = "skip"  # skip (counted, reported) | error
+    caption_dropout: float = 0.0  # per pair: both images lose the caption together (Salesforce: 0.2)
+    random_flip: bool = False  # per pair: both images flipped together
+    cache_dir: str = ".cache/mmalign"  # "" disables the persistent latent/text cache
+    encode_batch: int = 32
+
+
+@dataclass
+class ObjectiveConfig:
+    """Knobs of the objectives; each method reads the ones it documents."""
+    beta: float = 5000.0  # DPO-family temperature, SDXL/Salesforce convention (diffusers' SD1.5 example: 2x ours)
+    cca_lambda: float = 1.0  # CCA: weight of the mismatched-caption term (plays the role of the CFG scale)
+    cca_uncond_ratio: float = 0.1  # CCA: share of positives trained on the empty caption
+    inversion_grid_steps: int = 10  # InPO: inverse DDIM grid 1, 101, ..., 901
+    inversion_noise: float = 0.1  # InPO: noise after each inverse step, times the DDIM(eta=1) sigma
+    inversion_steps: int = 40  # Inversion-DPO: DDIM inversion steps with the reference
+    bco_delta_decay: float = 0.99  # BCO: running mean of rewards, delta
+
+
+@dataclass
+class PreferenceConfig:
+    model: PrefModelConfig
+    data: PairDataConfig
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+
+
+class CondUNet(nn.Module):
+    """The policy: a UNet called with a conditioning dict (ctx, and for SDXL pooled + time_ids)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return denoise(self.unet, x_t, t, cond)
+
+    def disable_adapters(self):  # lets the adapters-off reference drive the wrapped UNet
+        self.unet.disable_adapters()
+
+    def enable_adapters(self):
+        self.unet.enable_adapters()
+
+
+class DiffusionPreference:
+    """Base of the pair methods; a subclass defines `loss(policy, batch)` (see objectives.py)."""
+
+    config_class = PreferenceConfig
+    needs_reference = True
+
+    def __init__(self, cfg: PreferenceConfig, output_dir: str):
+        self.cfg, self.output_dir = cfg, output_dir
+        self.parts: SDComponents | None = None
+        m = cfg.model
+        if m.reference not in KINDS[:2]:
+            from ..core.config import ConfigError
+            raise ConfigError(f"model.reference: {m.reference!r} (use frozen_copy or adapters_off)")
+        if m.reference == "adapters_off" and m.lora_rank == 0:
+            from ..core.config import ConfigError
+            raise ConfigError("model.reference: adapters_off needs LoRA (model.lora_rank > 0)")
+
+    def build(self, device: torch.device) -> nn.Module:
+        m = self.cfg.model
+        self.device = device
+        self.parts = p = load_sd_components(m.pretrained)
+        for enc in (p.vae, p.text_encoder, p.text_encoder_2):
+            if enc is not None:
+                enc.to(device).requires_grad_(False).eval()
+        if m.lora_rank > 0:
+            from peft import LoraConfig
+            p.unet.requires_grad_(False)
+            p.unet.add_adapter(LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha or m.lora_rank,
+                                          init_lora_weights="gaussian", target_modules=list(m.lora_targets)))
+        policy = CondUNet(p.unet)
+        self.ref = make_reference(m.reference, policy) if self.needs_reference else None
+        if self.ref is not None and hasattr(self.ref, "model"):
+            self.ref.model.to(device)
+        self.abar = p.noise_scheduler.alphas_cumprod.to(device)
+        return policy
+
+    def dataset(self) -> PairTensors:
+        d = self.cfg.data
+        res = d.resolution or self.parts.resolution
+        self.data, report = build_pair_tensors(self.parts, d.path, res, d.random_flip, d.ties, d.bad_rows,
+                                               self.device, d.cache_dir or None, d.encode_batch)
+        self.resolution = res
+        self.empty = self.data.empty_cond()
+        Path(self.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.output_dir) / "data_report.json").write_text(json.dumps(report.to_dict(), indent=1))
+        return self.data
+
+    def collate(self, rows: list[dict]) -> dict:
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    # --- per-pair augmentation and conditioning ------------------------------------------------------------
+
+    def pair_latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fresh posterior samples of winner and loser, both in the same orientation; returns the view too."""
+        n, views = batch["mean_w"].shape[:2]
+        view = torch.randint(0, views, (n,), device=batch["mean_w"].device)
+        pick = lambda x: x[torch.arange(n, device=x.device), view]  # noqa: E731
+        scale = self.parts.vae.config.scaling_factor
+        lat = [(pick(batch[f"mean_{s}"]) + pick(batch[f"std_{s}"]) * torch.randn_like(pick(batch[f"std_{s}"])))
+               * scale for s in ("w", "l")]
+        return lat[0], lat[1], view
+
+    def pair_cond(self, batch: dict, view: torch.Tensor) -> tuple[dict, dict]:
+        """(cond of winners, cond of losers): the same caption (dropped for both with caption_dropout) and, for
+        SDXL, each image's own original size and crop."""
+        n = len(view)
+        cond = {k: batch[k] for k in ("ctx", "pooled") if k in batch}
+        p = self.cfg.data.caption_dropout
+        if p > 0:
+            drop = torch.rand(n, device=view.device) < p
+            cond = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), self.empty[k].to(v), v)
+                    for k, v in cond.items()}
+        if "pooled" not in cond:
+            return cond, dict(cond)
+        target = (self.resolution, self.resolution)
+        idx = torch.arange(n, device=view.device)
+        ids = [make_time_ids(batch[f"size_{s}"], batch[f"crop_{s}"][idx, view], target).to(cond["ctx"])
+               for s in ("w", "l")]
+        return {**cond, "time_ids": ids[0]}, {**cond, "time_ids": ids[1]}
+
+    def ref_forward(self, x_t, t, cond) -> torch.Tensor:
+        return self.ref(lambda model: model(x_t, t, cond))
+
+    def sample_t(self, n: int) -> torch.Tensor:
+        return torch.randint(0, self.parts.noise_scheduler.config.num_train_timesteps, (n,), device=self.device)
+
+    # --- export --------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, policy: nn.Module, out_dir: str) -> None:
+        """A full pipeline directory, or with LoRA the adapter alone in diffusers' format
+        (`pipe.load_lora_weights(out_dir)`)."""
+        cls = pipeline_class(self.parts)
+        if self.cfg.model.lora_rank > 0:
+            from peft.utils import get_peft_model_state_dict
+            cls.save_lora_weights(out_dir, unet_lora_layers=get_peft_model_state_dict(policy.unet),  # + lora_alpha
+                                  unet_lora_adapter_metadata=policy.unet.peft_config["default"].to_dict())
+            return
+        extra = {} if self.parts.is_sdxl else {"safety_checker": None, "requires_safety_checker": False}
+        cls.from_pretrained(self.cfg.model.pretrained, unet=policy.unet, **extra).save_pretrained(out_dir)
+
+
+def cat_cond(*conds: dict) -> dict:
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
