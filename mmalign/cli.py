@@ -52,11 +52,32 @@ def cmd_sample(a) -> None:
     print(f"wrote {len(images)} images to {out}")
 
 
-def cmd_demo(a) -> None:
-    from .demo import format_results, run_demo
+def cmd_data_pairs(a) -> None:
+    from diffusers import StableDiffusionPipeline
 
-    results = run_demo(a.out, model=a.model, n=a.n, steps=a.steps, guidance=a.guidance)
+    from .datasets.shapeworld import sample_scenes
+    from .diffusion.onpolicy import get_scorer, make_onpolicy_pairs
+
+    if a.prompts_file:
+        prompts = [ln.strip() for ln in Path(a.prompts_file).read_text().splitlines() if ln.strip()]
+    else:
+        prompts = [s.caption for s in sample_scenes(a.seed, a.n, split="train")]
+    pipe = StableDiffusionPipeline.from_pretrained(a.model, safety_checker=None, requires_safety_checker=False)
+    info = make_onpolicy_pairs(pipe, prompts, a.per_prompt, a.out, get_scorer(a.scorer), seed=a.seed,
+                               steps=a.steps, guidance=a.guidance)
+    print(json.dumps({k: info[k] for k in ("prompts", "pairs", "mean_score", "seconds")}))
+
+
+def cmd_demo(a) -> None:
+    from .demo import DEMO_RECIPES, DemoSettings, comparison_table, format_results, run_demo
+
+    methods = {"none": (), "all": tuple(DEMO_RECIPES)}.get(a.methods, tuple(filter(None, a.methods.split(","))))
+    settings = DemoSettings(n=a.n, steps=a.steps, guidance=a.guidance, methods=methods,
+                            pair_prompts=a.pair_prompts, per_prompt=a.per_prompt, train_steps=a.train_steps)
+    results = run_demo(a.out, model=a.model, settings=settings)
     print(format_results(results))
+    if len(methods) > 1:
+        print(comparison_table(results))
     print(f"results: {Path(a.out) / 'results.json'}  grid: {Path(a.out) / 'grid.png'}")
 
 
@@ -86,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--videos", type=int, default=0, help="number of motion clips (GIF)")
     q.set_defaults(fn=cmd_data_shapeworld)
 
+    q = dsub.add_parser("pairs", help="on-policy preference pairs: sample N per prompt, score, best vs worst",
+                        description="Sample a pipeline N times per prompt with fixed seeds, score every sample, and "
+                                    "write best-vs-worst pairs in the Pick-a-Pic format (jsonl + images).")
+    q.add_argument("--out", required=True)
+    q.add_argument("--model", default=str(BASE_PIPELINE), help="pipeline directory or hub id")
+    q.add_argument("--prompts-file", help="one prompt per line (default: ShapeWorld training-split captions)")
+    q.add_argument("--n", type=int, default=256, help="ShapeWorld prompts when no --prompts-file")
+    q.add_argument("--per-prompt", type=int, default=4)
+    q.add_argument("--scorer", default="shapeworld")
+    q.add_argument("--seed", type=int, default=0, help="prompt seed and first sample seed")
+    q.add_argument("--steps", type=int, default=15)
+    q.add_argument("--guidance", type=float, default=4.0)
+    q.set_defaults(fn=cmd_data_pairs)
+
     p = sub.add_parser("sample", help="generate images for prompts with fixed seeds",
                        description="Sample a StableDiffusionPipeline-format model with fixed seeds.")
     p.add_argument("--model", default=str(BASE_PIPELINE), help="pipeline directory or hub id")
@@ -98,13 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_sample)
 
-    p = sub.add_parser("demo", help="run the ShapeWorld demo (base model -> held-out samples -> scores)",
-                       description="Sample the shipped ShapeWorld base on held-out captions and score them.")
+    p = sub.add_parser("demo", help="ShapeWorld demo: base -> on-policy pairs -> DPO -> held-out gains",
+                       description="Sample the shipped ShapeWorld base on held-out captions, build on-policy pairs, "
+                                   "train preference methods, and compare on the same prompts and seeds.")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--model", default=str(BASE_PIPELINE))
+    p.add_argument("--methods", default="diffusion_dpo",
+                   help="comma-separated pair methods, 'all' (the comparison table) or 'none' (base only)")
     p.add_argument("--n", type=int, default=512, help="held-out prompts (one sample each)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--pair-prompts", type=int, default=256)
+    p.add_argument("--per-prompt", type=int, default=4)
+    p.add_argument("--train-steps", type=int, default=150)
     p.set_defaults(fn=cmd_demo)
     return ap
 

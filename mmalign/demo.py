@@ -1,9 +1,12 @@
-"""The demo on the embedded default: the shipped ShapeWorld base pipeline, sampled on held-out captions with
-fixed seeds, scored by the exact ShapeWorld scorer; results JSON + image grid."""
+"""The demo on the embedded default: the shipped ShapeWorld base pipeline -> on-policy best-vs-worst pairs scored
+by the exact ShapeWorld scorer -> preference training (Diffusion-DPO by default; any pair method by name) ->
+held-out captions sampled with the same seeds before and after -> attribute accuracy, paired gains and win
+rate with bootstrap CIs, and a before/after grid."""
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -15,6 +18,7 @@ from .evals.stats import bootstrap_ci
 ASSETS = Path(__file__).resolve().parent / "assets"
 BASE_PIPELINE = ASSETS / "shapeworld_sd"
 HELDOUT_SEED = 20_000  # held-out evaluation scenes (captions never seen in training)
+PAIR_SEED = 30_000  # training-split captions the on-policy pairs are sampled for
 
 
 def heldout_prompts(n: int) -> list[str]:
@@ -45,37 +49,148 @@ def save_samples(out: Path, images, prompts, seeds, scores=None) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def run_demo(out: str | Path, model: str | Path = BASE_PIPELINE, n: int = 512, steps: int = 25,
-             guidance: float = 4.0) -> dict:
-    from diffusers import StableDiffusionPipeline
+# Per-method settings on ShapeWorld (full fine-tune of the 1.1 M-param UNet, frozen-copy reference); every
+# method sees the same pairs and the same number of pair-steps (an equal pair budget).
+DEMO_RECIPES: dict[str, dict] = {
+    "diffusion_dpo": {"train": {"lr": 1e-4}, "objective": {"beta": 2000}},
+    "diffusion_sft_winners": {"train": {"lr": 1e-4}},
+    "inpo": {"train": {"lr": 1e-4}, "objective": {"beta": 2000}},
+    "inversion_dpo": {"train": {"lr": 1e-4}, "objective": {"beta": 2000, "inversion_steps": 10}},
+    "diffusion_cca": {"train": {"lr": 1e-4}, "objective": {"beta": 2000, "cca_lambda": 1.0}},
+    "diffusion_bco": {"train": {"lr": 1e-4}, "objective": {"beta": 2000}},
+}
 
-    from .diffusion.sampling import sample_images
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+@dataclass
+class DemoSettings:
+    n: int = 512  # held-out prompts, one fixed seed each
+    steps: int = 25  # DDIM steps for evaluation samples
+    guidance: float = 4.0
+    methods: tuple[str, ...] = ("diffusion_dpo",)  # () = evaluate the base only
+    pair_prompts: int = 256  # training-split prompts sampled for pairs
+    per_prompt: int = 4  # samples per prompt; best vs worst form the pair
+    pair_steps: int = 15  # DDIM steps for the pair samples
+    train_steps: int = 150
+    batch_size: int = 32
+
+
+def _check_model(model) -> None:
     local = Path(model).exists()
     if (local and not (Path(model) / "model_index.json").is_file()) or (not local and str(model).count("/") != 1):
         raise FileNotFoundError(f"no pipeline at {model} (a pipeline directory or a hub id owner/name); "
                                 f"the shipped base is rebuilt by scripts/build_shapeworld_base.sh")
-    pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, requires_safety_checker=False)
-    prompts = heldout_prompts(n)
-    seeds = list(range(n))
-    images = sample_images(pipe, prompts, seeds, steps=steps, guidance=guidance)
+
+
+def _load(model):
+    from diffusers import StableDiffusionPipeline
+    return StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, requires_safety_checker=False)
+
+
+def evaluate(pipe, prompts, seeds, out: Path, s: DemoSettings) -> tuple[list, dict]:
+    from .diffusion.sampling import sample_images
+
+    t0 = time.time()
+    images = sample_images(pipe, prompts, seeds, steps=s.steps, guidance=s.guidance)
     scored = score_samples(images, prompts)
     save_samples(out, images, prompts, seeds, scored["per_sample"])
-    image_grid(images[:48], prompts[:48], cols=8).save(out / "grid.png")
-    results = {"model": str(model), "n_prompts": n, "prompt_seed": HELDOUT_SEED, "sample_seeds": [0, n - 1],
-               "sampler": {"scheduler": type(pipe.scheduler).__name__, "steps": steps, "guidance": guidance},
-               "accuracy": scored["summary"], "seconds": round(time.time() - t0, 1)}
+    scored["seconds"] = round(time.time() - t0, 1)
+    return images, scored
+
+
+def train_method(name: str, model, pairs_dir: Path, out: Path, s: DemoSettings) -> float:
+    """Train one pair method with its demo recipe; returns wall seconds (data encoding included)."""
+    from .core.config import Experiment, TrainConfig, from_dict
+    from .core.trainer import train
+    from .diffusion.preference import PreferenceConfig
+    from .methods import method_class
+
+    recipe = DEMO_RECIPES.get(name, {})
+    n_pairs = sum(1 for _ in open(pairs_dir / "metadata.jsonl"))
+    tcfg = from_dict(TrainConfig, {"max_steps": s.train_steps, "batch_size": min(s.batch_size, n_pairs), "log_every": 10,
+                                   "warmup_steps": 10, "resume": "never", **recipe.get("train", {})}, "demo")
+    args = from_dict(PreferenceConfig, {"model": {"pretrained": str(model)},
+                                        "data": {"path": str(pairs_dir), "cache_dir": str(out / "cache")},
+                                        "objective": recipe.get("objective", {})}, "demo")
+    t0 = time.time()
+    train(Experiment(name, str(out / name), tcfg, args), method_class(name)(args, str(out / name)))
+    return round(time.time() - t0, 1)
+
+
+def run_demo(out: str | Path, model: str | Path = BASE_PIPELINE, settings: DemoSettings | None = None) -> dict:
+    from .diffusion.onpolicy import make_onpolicy_pairs, reward_from_scores, shapeworld_reward
+    from .evals.compare import compare_scores
+
+    s = settings or DemoSettings()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_model(model)
+    t0 = time.time()
+    base = _load(model)
+    prompts, seeds = heldout_prompts(s.n), list(range(s.n))
+    base_images, base_scored = evaluate(base, prompts, seeds, out / "base", s)
+    results = {"model": str(model), "n_prompts": s.n, "prompt_seed": HELDOUT_SEED, "sample_seeds": [0, s.n - 1],
+               "sampler": {"scheduler": type(base.scheduler).__name__, "steps": s.steps, "guidance": s.guidance},
+               "settings": asdict(s), "base": {"accuracy": base_scored["summary"],
+                                               "eval_seconds": base_scored["seconds"]}, "aligned": {}}
+    rows = [base_images[:16]]
+    if s.methods:
+        unknown = [m for m in s.methods if m not in DEMO_RECIPES]
+        if unknown:
+            raise ValueError(f"unknown demo method(s) {unknown} (known: {', '.join(DEMO_RECIPES)})")
+        pair_prompts = [sc.caption for sc in sample_scenes(PAIR_SEED, s.pair_prompts, split="train")]
+        results["pairs"] = make_onpolicy_pairs(base, pair_prompts, s.per_prompt, out / "pairs", shapeworld_reward,
+                                               seed=PAIR_SEED, steps=s.pair_steps, guidance=s.guidance)
+        if results["pairs"]["pairs"] < 2:
+            raise ValueError(f"only {results['pairs']['pairs']} on-policy pairs: too few to train on "
+                             f"(more --pair-prompts or --per-prompt)")
+        for name in s.methods:
+            train_s = train_method(name, model, out / "pairs", out, s)
+            images, scored = evaluate(_load(out / name / "final"), prompts, seeds, out / name / "eval", s)
+            rows.append(images[:16])
+            results["aligned"][name] = {"accuracy": scored["summary"], "train_seconds": train_s,
+                                        "eval_seconds": scored["seconds"],
+                                        **compare_scores(scored["per_sample"], base_scored["per_sample"],
+                                                         reward_from_scores)}
+    image_grid([im for r in rows for im in r], [p for _ in rows for p in prompts[:16]], cols=16).save(out / "grid.png")
+    results["seconds"] = round(time.time() - t0, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
 
+def _pct(v: float) -> str:
+    return f"{100 * v:5.1f}"
+
+
 def format_results(results: dict) -> str:
-    lines = [f"held-out ShapeWorld prompts: {results['n_prompts']}  ({results['seconds']} s)"]
-    for key, v in results["accuracy"].items():
-        lines.append(f"  {key:8s} {100 * v['mean']:5.1f} %  95% CI [{100 * v['ci95'][0]:.1f}, "
-                     f"{100 * v['ci95'][1]:.1f}]  n={v['n']}")
+    """Plain-text summary: base accuracy, then per method the accuracy, the paired gain and the win rate."""
+    lines = [f"held-out ShapeWorld prompts: {results['n_prompts']}  (total {results['seconds']} s)",
+             f"base: {results['model']}"]
+    for key, v in results["base"]["accuracy"].items():
+        lines.append(f"  {key:8s} {_pct(v['mean'])} %  95% CI [{_pct(v['ci95'][0])}, {_pct(v['ci95'][1])}]  n={v['n']}")
+    if "pairs" in results:
+        p = results["pairs"]
+        lines.append(f"on-policy pairs: {p['pairs']} from {p['prompts']} prompts x {p['per_prompt']} samples "
+                     f"({p['seconds']} s)")
+    for name, r in results["aligned"].items():
+        wr = r["win_rate"]
+        lines.append(f"{name}: trained {r['train_seconds']} s")
+        for key, v in r["accuracy"].items():
+            g = r["gain"][key]
+            lines.append(f"  {key:8s} {_pct(v['mean'])} %  gain {100 * g['gain']:+5.1f} "
+                         f"[{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}]")
+        lines.append(f"  win rate vs base {_pct(wr['win_rate'])} % [{_pct(wr['ci95'][0])}, {_pct(wr['ci95'][1])}]"
+                     f"  W/T/L {wr['wins']}/{wr['ties']}/{wr['losses']}")
     return "\n".join(lines)
 
+
+def comparison_table(results: dict) -> str:
+    """Markdown table of the methods in one demo run (equal pair budget): accuracy gain with CI, win rate, time."""
+    head = ["| method | correct | gain (95% CI) | win rate vs base (95% CI) | train s |", "|---|---|---|---|---|"]
+    base = results["base"]["accuracy"]["correct"]["mean"]
+    body = [f"| base | {_pct(base).strip()} % | | | |"]
+    for name, r in results["aligned"].items():
+        g, wr = r["gain"]["correct"], r["win_rate"]
+        body.append(f"| {name} | {_pct(r['accuracy']['correct']['mean']).strip()} % | {100 * g['gain']:+.1f} "
+                    f"[{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}] | {_pct(wr['win_rate']).strip()} % "
+                    f"[{_pct(wr['ci95'][0]).strip()}, {_pct(wr['ci95'][1]).strip()}] | {r['train_seconds']} |")
+    return "\n".join(head + body)

@@ -12,7 +12,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "mmalign.cli", *args], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("verb", [[], ["train"], ["data"], ["data", "shapeworld"], ["sample"], ["demo"]])
+@pytest.mark.parametrize("verb", [[], ["train"], ["data"], ["data", "shapeworld"], ["data", "pairs"], ["sample"], ["demo"]])
 def test_every_verb_has_help(verb):
     r = run_cli(*verb, "--help")
     assert r.returncode == 0 and "usage: mmalign" in r.stdout
@@ -47,10 +47,40 @@ def test_sample_and_demo_on_a_tiny_pipeline(tmp_path, tiny_sd_dir):
           "--steps", "2", "--out", str(tmp_path / "s")])
     rows = [json.loads(l) for l in open(tmp_path / "s/samples.jsonl")]
     assert [r["seed"] for r in rows] == [0, 1] and (tmp_path / "s/grid.png").is_file()
-    main(["demo", "--model", str(tiny_sd_dir), "--n", "6", "--steps", "2", "--out", str(tmp_path / "demo")])
+    main(["demo", "--model", str(tiny_sd_dir), "--n", "6", "--steps", "2", "--methods", "none",
+          "--out", str(tmp_path / "demo")])
     res = json.loads((tmp_path / "demo/results.json").read_text())
-    assert res["n_prompts"] == 6 and set(res["accuracy"]) >= {"correct", "colour", "shape", "count"}
-    assert (tmp_path / "demo/grid.png").is_file() and len(list((tmp_path / "demo/samples").glob("*.png"))) == 6
+    assert res["n_prompts"] == 6 and set(res["base"]["accuracy"]) >= {"correct", "colour", "shape", "count"}
+    assert (tmp_path / "demo/grid.png").is_file() and len(list((tmp_path / "demo/base/samples").glob("*.png"))) == 6
+    assert res["aligned"] == {}
+
+
+def test_demo_aligns_and_compares_at_small_scale(tmp_path, capsys):
+    """The whole chain on the shipped base at toy scale: pairs -> two methods -> paired comparison, same seeds."""
+    main(["demo", "--n", "6", "--steps", "2", "--methods", "diffusion_dpo,diffusion_cca",
+          "--pair-prompts", "8", "--per-prompt", "3", "--train-steps", "2", "--out", str(tmp_path / "demo")])
+    res = json.loads((tmp_path / "demo/results.json").read_text())
+    assert set(res["aligned"]) == {"diffusion_dpo", "diffusion_cca"}
+    for r in res["aligned"].values():
+        wr = r["win_rate"]
+        assert wr["wins"] + wr["ties"] + wr["losses"] == 6 and wr["ci95"][0] <= wr["win_rate"] <= wr["ci95"][1]
+        assert r["gain"]["correct"]["n"] == 6
+    assert len(list((tmp_path / "demo/diffusion_dpo/eval/samples").glob("*.png"))) == 6
+    printed = capsys.readouterr().out
+    assert "| diffusion_cca |" in printed and "win rate vs base" in printed
+    pairs = [json.loads(l) for l in open(tmp_path / "demo/pairs/metadata.jsonl")]
+    assert all(p["score_0"] > p["score_1"] and p["label_0"] == 1 for p in pairs)
+
+
+def test_data_pairs_verb(tmp_path, tiny_sd_dir):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    main(["data", "pairs", "--model", str(tiny_sd_dir), "--prompts-file", str(prompts), "--per-prompt", "3",
+          "--steps", "2", "--out", str(tmp_path / "pairs")])
+    info = json.loads((tmp_path / "pairs/pairs_report.json").read_text())
+    assert info["prompts"] == 2 and info["pairs"] + sum(info["report"]["skipped"].values()) == 2
+    from mmalign.datasets.pairs import read_pairs
+    assert len(read_pairs(tmp_path / "pairs")[0]) == info["pairs"]
 
 
 def test_train_verb_runs_a_recipe_with_overrides(tmp_path, tiny_sd_dir, shapeworld_folder):

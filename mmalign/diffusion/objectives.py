@@ -33,7 +33,17 @@ class DiffusionDPO(DiffusionPreference):
         target = diffusion_target(self.parts.noise_scheduler, x0, noise, t)
         err = per_sample_mse(policy(x_t, t, cond), target)  # one forward over [winners; losers]
         ref_err = per_sample_mse(self.ref_forward(x_t, t, cond), target)
-        return diffusion_dpo_loss(*err.chunk(2), *ref_err.chunk(2), beta=self.cfg.objective.beta)
+        return with_sft_term(diffusion_dpo_loss(*err.chunk(2), *ref_err.chunk(2), beta=self.cfg.objective.beta),
+                             err.chunk(2)[0], self.cfg.objective.sft_weight)
+
+
+def with_sft_term(loss_metrics, err_w, weight: float):
+    """loss + weight * mean err_theta(winners): keeps the winners' likelihood from falling with the margin."""
+    loss, metrics = loss_metrics
+    if weight == 0:
+        return loss, metrics
+    sft = err_w.mean()
+    return loss + weight * sft, {**metrics, "dpo_loss": loss.detach(), "sft_err_w": sft.detach()}
 
 
 class DiffusionSFTWinners(DiffusionPreference):
@@ -81,7 +91,8 @@ class InPO(DiffusionPreference):
         target = diffusion_target(sched, x0, eps_hat, t)
         err = per_sample_mse(policy(x_t, t, cond), target)
         ref_err = per_sample_mse(self.ref_forward(x_t, t, cond), target)
-        return diffusion_dpo_loss(*err.chunk(2), *ref_err.chunk(2), beta=o.beta)
+        return with_sft_term(diffusion_dpo_loss(*err.chunk(2), *ref_err.chunk(2), beta=o.beta), err.chunk(2)[0],
+                             o.sft_weight)
 
 
 class InversionDPO(DiffusionPreference):

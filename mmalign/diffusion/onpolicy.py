@@ -21,9 +21,13 @@ def shapeworld_reward(image: Image.Image, prompt: str) -> float:
     all of them do (so a fully correct sample always beats a nearly correct one)."""
     from ..datasets.shapeworld import score_image
 
-    s = score_image(image, prompt)
-    attrs = [v for k, v in s.items() if k != "correct"]
-    return sum(attrs) / len(attrs) + s["correct"]
+    return reward_from_scores(score_image(image, prompt))
+
+
+def reward_from_scores(scores: dict) -> float:
+    """`shapeworld_reward` from a `score_image` result."""
+    attrs = [v for k, v in scores.items() if k != "correct"]
+    return sum(attrs) / len(attrs) + scores["correct"]
 
 
 SCORERS: dict[str, Scorer] = {"shapeworld": shapeworld_reward}

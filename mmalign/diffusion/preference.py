@@ -45,6 +45,7 @@ class PairDataConfig:
 class ObjectiveConfig:
     """Knobs of the objectives; each method reads the ones it documents."""
     beta: float = 5000.0  # DPO-family temperature, SDXL/Salesforce convention (diffusers' SD1.5 example: 2x ours)
+    sft_weight: float = 0.0  # DPO/InPO: + sft_weight * err_theta(winner) (an RPO-style anchor on the winners)
     cca_lambda: float = 1.0  # CCA: weight of the mismatched-caption term (plays the role of the CFG scale)
     cca_uncond_ratio: float = 0.1  # CCA: share of positives trained on the empty caption
     inversion_grid_steps: int = 10  # InPO: inverse DDIM grid 1, 101, ..., 901
