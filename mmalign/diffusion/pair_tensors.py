@@ -47,6 +47,8 @@ def build_pair_tensors(parts: SDComponents, data_path: str, resolution: int, fli
                        log=print) -> tuple[PairTensors, SkipReport]:
     key = {"version": CACHE_VERSION, "kind": "diffusion_pairs",
            "model": model_fingerprint(parts.source, _encoder_folders(parts)),
+           "text_encoder_dtype": str(parts.text_encoder.dtype if parts.text_encoder is not None
+                                     else parts.text_encoder_2.dtype),
            "data": {"path": str(Path(data_path).resolve()) if Path(data_path).exists() else data_path,
                     "files": file_fingerprint(data_path) if Path(data_path).exists() else None},
            "resolution": resolution, "flips": flips, "ties": ties, "bad_rows": bad_rows}

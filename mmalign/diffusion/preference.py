@@ -18,6 +18,7 @@ from .pair_tensors import PairTensors, build_pair_tensors
 from .pipeline import SDComponents, denoise, load_sd_components, make_time_ids, pipeline_class
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -27,6 +28,7 @@ class PrefModelConfig:
     lora_alpha: int = 0  # 0: same as rank
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     reference: str = "frozen_copy"  # frozen_copy | adapters_off (needs lora_rank > 0)
+    dtype: str = "fp32"  # frozen weights' dtype: fp32 | bf16 | fp16 (LoRA only; adapters stay fp32; VAE fp32)
 
 
 @dataclass
@@ -38,7 +40,7 @@ class PairDataConfig:
     caption_dropout: float = 0.0  # per pair: both images lose the caption together (Salesforce: 0.2)
     random_flip: bool = False  # per pair: both images flipped together
     cache_dir: str = ".cache/mmalign"  # "" disables the persistent latent/text cache
-    encode_batch: int = 32
+    encode_batch: int = 8  # pairs per VAE call (x2 images, x2 again with flips): mind 1024 px
 
 
 @dataclass
@@ -69,7 +71,7 @@ class CondUNet(nn.Module):
         self.unet = unet
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        return denoise(self.unet, x_t, t, cond)
+        return denoise(self.unet, x_t.to(self.unet.conv_in.weight.dtype), t, cond)  # a bf16/fp16 frozen base
 
     def disable_adapters(self):  # lets the adapters-off reference drive the wrapped UNet
         self.unet.disable_adapters()
@@ -94,11 +96,15 @@ class DiffusionPreference:
         if m.reference == "adapters_off" and m.lora_rank == 0:
             from ..core.config import ConfigError
             raise ConfigError("model.reference: adapters_off needs LoRA (model.lora_rank > 0)")
+        if m.dtype not in DTYPES or (m.dtype != "fp32" and m.lora_rank == 0):
+            from ..core.config import ConfigError
+            raise ConfigError(f"model.dtype: {m.dtype!r} — one of {', '.join(DTYPES)}; below fp32 only with LoRA "
+                              f"(a full fine-tune keeps fp32 master weights; use train.mixed_precision)")
 
     def build(self, device: torch.device) -> nn.Module:
         m = self.cfg.model
         self.device = device
-        self.parts = p = load_sd_components(m.pretrained)
+        self.parts = p = load_sd_components(m.pretrained, DTYPES[m.dtype])
         for enc in (p.vae, p.text_encoder, p.text_encoder_2):
             if enc is not None:
                 enc.to(device).requires_grad_(False).eval()
@@ -107,6 +113,9 @@ class DiffusionPreference:
             p.unet.requires_grad_(False)
             p.unet.add_adapter(LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha or m.lora_rank,
                                           init_lora_weights="gaussian", target_modules=list(m.lora_targets)))
+            for q in p.unet.parameters():
+                if q.requires_grad:
+                    q.data = q.data.float()  # trainable adapters in fp32 over a low-precision frozen base
         policy = CondUNet(p.unet)
         self.ref = make_reference(m.reference, policy) if self.needs_reference else None
         if self.ref is not None and hasattr(self.ref, "model"):
@@ -121,6 +130,9 @@ class DiffusionPreference:
                                                self.device, d.cache_dir or None, d.encode_batch)
         self.resolution = res
         self.empty = self.data.empty_cond()
+        for enc in (self.parts.vae, self.parts.text_encoder, self.parts.text_encoder_2):
+            if enc is not None:  # everything they produce is cached: free the accelerator's memory
+                enc.to("cpu")
         Path(self.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.output_dir) / "data_report.json").write_text(json.dumps(report.to_dict(), indent=1))
         return self.data
