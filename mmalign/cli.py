@@ -64,7 +64,8 @@ def cmd_data_pairs(a) -> None:
         prompts = [s.caption for s in sample_scenes(a.seed, a.n, split="train")]
     pipe = StableDiffusionPipeline.from_pretrained(a.model, safety_checker=None, requires_safety_checker=False)
     info = make_onpolicy_pairs(pipe, prompts, a.per_prompt, a.out, get_scorer(a.scorer), seed=a.seed,
-                               steps=a.steps, guidance=a.guidance)
+                               steps=a.steps, guidance=a.guidance, pairing=a.pairing,
+                               min_winner_score=a.min_winner_score)
     print(json.dumps({k: info[k] for k in ("prompts", "pairs", "mean_score", "seconds")}))
 
 
@@ -115,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--prompts-file", help="one prompt per line (default: ShapeWorld training-split captions)")
     q.add_argument("--n", type=int, default=256, help="ShapeWorld prompts when no --prompts-file")
     q.add_argument("--per-prompt", type=int, default=4)
+    q.add_argument("--pairing", choices=["best_worst", "all"], default="best_worst",
+                   help="one best-vs-worst pair per prompt, or every two samples whose scores differ")
+    q.add_argument("--min-winner-score", type=float, default=None,
+                   help="keep pairs whose winner scores at least this (shapeworld: 2.0 = fully correct)")
     q.add_argument("--scorer", default="shapeworld")
     q.add_argument("--seed", type=int, default=0, help="prompt seed and first sample seed")
     q.add_argument("--steps", type=int, default=15)

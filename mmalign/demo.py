@@ -52,12 +52,13 @@ def save_samples(out: Path, images, prompts, seeds, scores=None) -> None:
 # Per-method settings on ShapeWorld (full fine-tune of the 1.1 M-param UNet, frozen-copy reference); every
 # method sees the same pairs and the same number of pair-steps (an equal pair budget).
 DEMO_RECIPES: dict[str, dict] = {
-    "diffusion_dpo": {"train": {"lr": 1e-4}, "objective": {"beta": 2000}},
+    "diffusion_dpo": {"train": {"lr": 1e-4}, "objective": {"beta": 5000}},
     "diffusion_sft_winners": {"train": {"lr": 1e-4}},
-    "inpo": {"train": {"lr": 1e-4}, "objective": {"beta": 2000}},
-    "inversion_dpo": {"train": {"lr": 1e-4}, "objective": {"beta": 2000, "inversion_steps": 10}},
-    "diffusion_cca": {"train": {"lr": 1e-4}, "objective": {"beta": 2000, "cca_lambda": 1.0}},
-    "diffusion_bco": {"train": {"lr": 1e-4}, "objective": {"beta": 2000}},
+    "inpo": {"train": {"lr": 1e-4}, "objective": {"beta": 5000}},
+    "inversion_dpo": {"train": {"lr": 1e-4}, "objective": {"beta": 5000, "inversion_steps": 4}},
+    "diffusion_cca": {"train": {"lr": 1e-4}, "objective": {"beta": 5000, "cca_lambda": 1.0},
+                      "eval_guidance": 1.0},  # CCA replaces guidance: its samples are drawn guidance-free
+    "diffusion_bco": {"train": {"lr": 1e-4}, "objective": {"beta": 5000}},
 }
 
 
@@ -68,7 +69,9 @@ class DemoSettings:
     guidance: float = 4.0
     methods: tuple[str, ...] = ("diffusion_dpo",)  # () = evaluate the base only
     pair_prompts: int = 256  # training-split prompts sampled for pairs
-    per_prompt: int = 4  # samples per prompt; best vs worst form the pair
+    per_prompt: int = 4  # samples per prompt
+    pairing: str = "all"  # every two samples of a prompt whose scores differ (see make_onpolicy_pairs)
+    min_winner_score: float | None = None  # e.g. 2.0: winners satisfy the whole caption
     pair_steps: int = 15  # DDIM steps for the pair samples
     train_steps: int = 150
     batch_size: int = 32
@@ -86,11 +89,11 @@ def _load(model):
     return StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, requires_safety_checker=False)
 
 
-def evaluate(pipe, prompts, seeds, out: Path, s: DemoSettings) -> tuple[list, dict]:
+def evaluate(pipe, prompts, seeds, out: Path, s: DemoSettings, guidance: float | None = None) -> tuple[list, dict]:
     from .diffusion.sampling import sample_images
 
     t0 = time.time()
-    images = sample_images(pipe, prompts, seeds, steps=s.steps, guidance=s.guidance)
+    images = sample_images(pipe, prompts, seeds, steps=s.steps, guidance=s.guidance if guidance is None else guidance)
     scored = score_samples(images, prompts)
     save_samples(out, images, prompts, seeds, scored["per_sample"])
     scored["seconds"] = round(time.time() - t0, 1)
@@ -139,15 +142,17 @@ def run_demo(out: str | Path, model: str | Path = BASE_PIPELINE, settings: DemoS
             raise ValueError(f"unknown demo method(s) {unknown} (known: {', '.join(DEMO_RECIPES)})")
         pair_prompts = [sc.caption for sc in sample_scenes(PAIR_SEED, s.pair_prompts, split="train")]
         results["pairs"] = make_onpolicy_pairs(base, pair_prompts, s.per_prompt, out / "pairs", shapeworld_reward,
-                                               seed=PAIR_SEED, steps=s.pair_steps, guidance=s.guidance)
+                                               seed=PAIR_SEED, steps=s.pair_steps, guidance=s.guidance,
+                                               pairing=s.pairing, min_winner_score=s.min_winner_score)
         if results["pairs"]["pairs"] < 2:
             raise ValueError(f"only {results['pairs']['pairs']} on-policy pairs: too few to train on "
                              f"(more --pair-prompts or --per-prompt)")
         for name in s.methods:
             train_s = train_method(name, model, out / "pairs", out, s)
-            images, scored = evaluate(_load(out / name / "final"), prompts, seeds, out / name / "eval", s)
+            guidance = DEMO_RECIPES[name].get("eval_guidance", s.guidance)
+            images, scored = evaluate(_load(out / name / "final"), prompts, seeds, out / name / "eval", s, guidance)
             rows.append(images[:16])
-            results["aligned"][name] = {"accuracy": scored["summary"], "train_seconds": train_s,
+            results["aligned"][name] = {"accuracy": scored["summary"], "train_seconds": train_s, "guidance": guidance,
                                         "eval_seconds": scored["seconds"],
                                         **compare_scores(scored["per_sample"], base_scored["per_sample"],
                                                          reward_from_scores)}

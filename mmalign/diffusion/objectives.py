@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .inversion import ddim_invert, eps_from_prediction, inversion_grid, inversion_trajectory
+from .inversion import Trajectory, ddim_invert, eps_from_prediction, inversion_grid, inversion_trajectory
 from .inversion_dpo import inversion_dpo_loss
 from .losses import bco_loss, cca_loss, diffusion_dpo_loss, inpo_target, per_sample_mse, sft_loss
 from .pipeline import diffusion_target
@@ -103,15 +103,14 @@ class InversionDPO(DiffusionPreference):
         o, sched = self.cfg.objective, self.parts.noise_scheduler
         lat_w, lat_l, view = self.pair_latents(batch)
         cond_w, cond_l = self.pair_cond(batch, view)
-        kind = sched.config.prediction_type
-        trajs = []
-        for x0, cond in ((lat_w, cond_w), (lat_l, cond_l)):
-            ref_eps = _EpsModel(lambda x, t, c: self.ref_forward(x, t, c), cond, kind, self.abar)
-            trajs.append(inversion_trajectory(ref_eps, x0, self.abar, o.inversion_steps,
-                                              sched.config.num_train_timesteps))
+        kind, n = sched.config.prediction_type, len(lat_w)
         both = cat_cond(cond_w, cond_l)
+        ref_eps = _EpsModel(lambda x, t, c: self.ref_forward(x, t, c), both, kind, self.abar)
+        traj = inversion_trajectory(ref_eps, torch.cat([lat_w, lat_l]), self.abar, o.inversion_steps,
+                                    sched.config.num_train_timesteps)  # winners and losers in one batch
+        traj_w, traj_l = (Trajectory(traj.xs[:, k], traj.ts, traj.eps_ref[:, k]) for k in (slice(0, n), slice(n, None)))
         policy_eps = _EpsModel(policy, both, kind, self.abar)
-        return inversion_dpo_loss(policy_eps, trajs[0], trajs[1], lat_w, lat_l, self.abar, beta=o.beta)
+        return inversion_dpo_loss(policy_eps, traj_w, traj_l, lat_w, lat_l, self.abar, beta=o.beta)
 
 
 class DiffusionCCA(DiffusionPreference):

@@ -39,6 +39,12 @@ def get_scorer(name: str) -> Scorer:
     return SCORERS[name]
 
 
+def ranked_pairs(scores: list[float]) -> list[tuple[int, int]]:
+    """Every (better, worse) index pair with strictly different scores, best-first order."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return [(a, b) for k, a in enumerate(order) for b in order[k + 1:] if scores[a] > scores[b]]
+
+
 def best_vs_worst(scores: list[float]) -> tuple[int, int] | None:
     """Indices (best, worst); the first one wins a tie at either end; None when every score is equal."""
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))
@@ -47,9 +53,15 @@ def best_vs_worst(scores: list[float]) -> tuple[int, int] | None:
 
 
 def make_onpolicy_pairs(pipe, prompts: list[str], per_prompt: int, out_dir: str | Path, scorer: Scorer,
-                        seed: int = 0, steps: int = 25, guidance: float = 4.0, batch_size: int = 64) -> dict:
-    """Write a Pick-a-Pic-format pair folder (jpg_0 = best, jpg_1 = worst, label_0 = 1, with scores and seeds)
-    and `pairs_report.json`. Sample j of prompt i uses seed `seed + i * per_prompt + j`."""
+                        seed: int = 0, steps: int = 25, guidance: float = 4.0, batch_size: int = 64,
+                        pairing: str = "best_worst", min_winner_score: float | None = None) -> dict:
+    """Write a Pick-a-Pic-format pair folder (jpg_0 = winner, jpg_1 = loser, label_0 = 1, with scores and seeds)
+    and `pairs_report.json`. Sample j of prompt i uses seed `seed + i * per_prompt + j`. pairing "best_worst":
+    one pair per prompt; "all": every two samples of a prompt whose scores differ (up to N(N-1)/2 pairs from
+    the same samples). `min_winner_score`: keep only pairs whose winner scores at least this (e.g. 2.0 with
+    `shapeworld_reward`: the winner satisfies the whole caption); prompts left without a pair are counted."""
+    if pairing not in ("best_worst", "all"):
+        raise ValueError(f"pairing must be 'best_worst' or 'all', got {pairing!r}")
     if per_prompt < 2:
         raise ValueError(f"per_prompt must be >= 2 to form a pair, got {per_prompt}")
     t0 = time.time()
@@ -64,12 +76,19 @@ def make_onpolicy_pairs(pipe, prompts: list[str], per_prompt: int, out_dir: str 
         if pick is None:
             report.skip("no preference (all samples scored equal)", prompt)
             continue
-        b, w = (i * per_prompt + j for j in pick)
-        rows.append((prompt, images[b], images[w], {"score_0": scores[b], "score_1": scores[w],
-                                                    "seed_0": seeds[b], "seed_1": seeds[w]}))
-    report.kept = len(rows)
+        chosen = [(b, w) for b, w in (ranked_pairs(scores[k]) if pairing == "all" else [pick])
+                  if min_winner_score is None or scores[k][b] >= min_winner_score]
+        if not chosen:
+            report.skip(f"no winner scoring >= {min_winner_score}", prompt)
+        for b, w in chosen:
+            b, w = i * per_prompt + b, i * per_prompt + w
+            rows.append((prompt, images[b], images[w], {"score_0": scores[b], "score_1": scores[w],
+                                                        "seed_0": seeds[b], "seed_1": seeds[w]}))
+    report.kept = report.total - sum(report.skipped.values())
     write_pairs_jsonl(out_dir, rows)
-    info = {"prompts": len(prompts), "per_prompt": per_prompt, "pairs": len(rows), "report": report.to_dict(),
+    info = {"prompts": len(prompts), "per_prompt": per_prompt, "pairing": pairing,
+            "min_winner_score": min_winner_score, "pairs": len(rows),
+            "report": report.to_dict(),
             "mean_score": sum(scores) / len(scores), "sampler": {"steps": steps, "guidance": guidance},
             "seconds": round(time.time() - t0, 1)}
     (Path(out_dir) / "pairs_report.json").write_text(json.dumps(info, indent=1))
