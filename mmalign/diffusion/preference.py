@@ -16,8 +16,8 @@ from torch import nn
 from ..core.reference import KINDS, make_reference
 from .pair_tensors import PairTensors, build_pair_tensors
 from .pipeline import SDComponents, denoise, load_sd_components, make_time_ids, pipeline_class
+from .sft import LORA_TARGETS, add_lora, save_unet_lora
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -109,10 +109,7 @@ class DiffusionPreference:
             if enc is not None:
                 enc.to(device).requires_grad_(False).eval()
         if m.lora_rank > 0:
-            from peft import LoraConfig
-            p.unet.requires_grad_(False)
-            p.unet.add_adapter(LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha or m.lora_rank,
-                                          init_lora_weights="gaussian", target_modules=list(m.lora_targets)))
+            add_lora(p.unet, m)
             for q in p.unet.parameters():
                 if q.requires_grad:
                     q.data = q.data.float()  # trainable adapters in fp32 over a low-precision frozen base
@@ -183,9 +180,7 @@ class DiffusionPreference:
         (`pipe.load_lora_weights(out_dir)`)."""
         cls = pipeline_class(self.parts)
         if self.cfg.model.lora_rank > 0:
-            from peft.utils import get_peft_model_state_dict
-            cls.save_lora_weights(out_dir, unet_lora_layers=get_peft_model_state_dict(policy.unet),  # + lora_alpha
-                                  unet_lora_adapter_metadata=policy.unet.peft_config["default"].to_dict())
+            save_unet_lora(cls, policy.unet, out_dir)
             return
         extra = {} if self.parts.is_sdxl else {"safety_checker": None, "requires_safety_checker": False}
         cls.from_pretrained(self.cfg.model.pretrained, unet=policy.unet, **extra).save_pretrained(out_dir)

@@ -78,6 +78,15 @@ def add_lora(unet, cfg: ModelConfig) -> None:
                                 init_lora_weights="gaussian", target_modules=list(cfg.lora_targets)))
 
 
+def save_unet_lora(pipeline_cls, unet, out_dir: str) -> None:
+    """The UNet's LoRA in diffusers' format (`pipe.load_lora_weights(out_dir)`); the adapter metadata carries
+    lora_alpha, without which loaders assume alpha = rank."""
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline_cls.save_lora_weights(out_dir, unet_lora_layers=get_peft_model_state_dict(unet),
+                                   unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+
+
 class DiffusionSFT:
     """Method object for the core trainer (see mmalign.core.method.Method)."""
 
@@ -173,11 +182,7 @@ class DiffusionSFT:
 
         p = self.parts
         if self.cfg.model.lora_rank > 0:
-            from peft.utils import get_peft_model_state_dict
-
-            StableDiffusionPipeline.save_lora_weights(  # the metadata carries lora_alpha (else loaders assume alpha = r)
-                out_dir, unet_lora_layers=get_peft_model_state_dict(policy.unet),
-                unet_lora_adapter_metadata=policy.unet.peft_config["default"].to_dict())
+            save_unet_lora(StableDiffusionPipeline, policy.unet, out_dir)
             return
         pipe = StableDiffusionPipeline.from_pretrained(self.cfg.model.pretrained, unet=policy.unet,
                                                        text_encoder=te if (te := policy.text_encoder) is not None
