@@ -62,7 +62,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any, Path]]:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from e
+        raise ImportError(f"reading {path} needs pyarrow: pip install 'mmalign[data]'") from e
     i = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
         for row in batch.to_pylist():
@@ -84,6 +84,14 @@ def _dataset_rows(ds: Any, name: str = "dataset") -> Iterator[tuple[str, Any, Pa
         yield f"{name}[{i}]", row, None
 
 
+def _datasets(source):
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"reading {source} needs Hugging Face datasets: pip install 'mmalign[data]'") from e
+    return datasets
+
+
 def _rows(source: Any) -> Iterator[tuple[str, Any, Path | None]]:
     if not isinstance(source, (str, os.PathLike)):
         return _dataset_rows(source)
@@ -98,7 +106,7 @@ def _rows(source: Any) -> Iterator[tuple[str, Any, Path | None]]:
         if (p / "metadata.jsonl").is_file():
             return _jsonl_rows(p / "metadata.jsonl")
         if any((p / m).is_file() for m in ("dataset_info.json", "state.json", "dataset_dict.json")):
-            import datasets
+            datasets = _datasets(p)
             return _dataset_rows(datasets.load_from_disk(str(p)), str(p))
         shards = sorted(p.glob("*.parquet"))
         if shards:
@@ -106,7 +114,7 @@ def _rows(source: Any) -> Iterator[tuple[str, Any, Path | None]]:
         raise DataError(f"{p}: no metadata.jsonl, *.parquet shards or save_to_disk dataset in this folder")
     s = str(source)
     if _HUB_ID.fullmatch(s) and p.suffix not in (".jsonl", ".parquet", ".json", ".arrow"):
-        import datasets
+        datasets = _datasets(s)
         return _dataset_rows(datasets.load_dataset(s, split="train"), s)
     raise FileNotFoundError(f"pair source {s!r}: no such file or folder (and not a hub id like 'owner/name')")
 
