@@ -109,8 +109,9 @@ def train_method(name: str, model, pairs_dir: Path, out: Path, s: DemoSettings) 
 
     recipe = DEMO_RECIPES.get(name, {})
     n_pairs = sum(1 for _ in open(pairs_dir / "metadata.jsonl"))
-    tcfg = from_dict(TrainConfig, {"max_steps": s.train_steps, "batch_size": min(s.batch_size, n_pairs), "log_every": 10,
-                                   "warmup_steps": 10, "resume": "never", **recipe.get("train", {})}, "demo")
+    tcfg = from_dict(TrainConfig, {"max_steps": s.train_steps, "batch_size": min(s.batch_size, n_pairs),
+                                   "log_every": 10, "warmup_steps": 10, "resume": "never", **recipe.get("train", {})},
+                     "demo")
     args = from_dict(PreferenceConfig, {"model": {"pretrained": str(model)},
                                         "data": {"path": str(pairs_dir), "cache_dir": str(out / "cache")},
                                         "objective": recipe.get("objective", {})}, "demo")
@@ -124,9 +125,12 @@ def run_demo(out: str | Path, model: str | Path = BASE_PIPELINE, settings: DemoS
     from .evals.compare import compare_scores
 
     s = settings or DemoSettings()
+    unknown = [m for m in s.methods if m not in DEMO_RECIPES]
+    if unknown:
+        raise ValueError(f"unknown demo method(s) {unknown} (known: {', '.join(DEMO_RECIPES)})")
+    _check_model(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_model(model)
     t0 = time.time()
     base = _load(model)
     prompts, seeds = heldout_prompts(s.n), list(range(s.n))
@@ -137,9 +141,6 @@ def run_demo(out: str | Path, model: str | Path = BASE_PIPELINE, settings: DemoS
                                                "eval_seconds": base_scored["seconds"]}, "aligned": {}}
     rows = [base_images[:16]]
     if s.methods:
-        unknown = [m for m in s.methods if m not in DEMO_RECIPES]
-        if unknown:
-            raise ValueError(f"unknown demo method(s) {unknown} (known: {', '.join(DEMO_RECIPES)})")
         pair_prompts = [sc.caption for sc in sample_scenes(PAIR_SEED, s.pair_prompts, split="train")]
         results["pairs"] = make_onpolicy_pairs(base, pair_prompts, s.per_prompt, out / "pairs", shapeworld_reward,
                                                seed=PAIR_SEED, steps=s.pair_steps, guidance=s.guidance,

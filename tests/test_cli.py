@@ -101,3 +101,9 @@ def test_train_verb_runs_a_recipe_with_overrides(tmp_path, tiny_sd_dir, shapewor
 def test_demo_names_a_missing_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="no pipeline at"):
         main(["demo", "--model", str(tmp_path), "--n", "2", "--out", str(tmp_path / "o")])
+
+
+def test_demo_refuses_an_unknown_method_before_sampling(tmp_path):
+    with pytest.raises(ValueError, match="unknown demo method"):
+        main(["demo", "--methods", "diffusion_dpo,nope", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
