@@ -96,11 +96,14 @@ def test_make_time_ids_values():
     assert ids.tolist() == [[40, 64, 0, 10, 32, 48], [100, 50, 3, 0, 32, 48]]
 
 
-def test_denoise_sdxl_uses_time_ids_and_requires_them(sdxl_parts):
-    unet = sdxl_parts.unet
+def _sdxl_inputs(parts):
+    """(unet, x_t, t, cond) for a 2-sample SDXL forward, seeded."""
     torch.manual_seed(0)
-    x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 500])
-    cond = _sdxl_cond(sdxl_parts)
+    return parts.unet, torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), _sdxl_cond(parts)
+
+
+def test_denoise_sdxl_uses_time_ids_and_requires_them(sdxl_parts):
+    unet, x, t, cond = _sdxl_inputs(sdxl_parts)
     with torch.no_grad():
         out = denoise(unet, x, t, cond)
         direct = unet(x, t, cond["ctx"], added_cond_kwargs={"text_embeds": cond["pooled"],
@@ -133,13 +136,11 @@ def test_denoise_sd15(sd_parts):
 def test_sdxl_lora_export_loads_with_load_lora_weights(tiny_sdxl_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
+
+    from mmalign.diffusion.sft import save_unet_lora
 
     parts = load_sd_components(str(tiny_sdxl_dir))
-    unet = parts.unet
-    torch.manual_seed(0)
-    x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 500])
-    cond = _sdxl_cond(parts)
+    unet, x, t, cond = _sdxl_inputs(parts)
     with torch.no_grad():
         base = denoise(unet, x, t, cond)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
@@ -152,8 +153,7 @@ def test_sdxl_lora_export_loads_with_load_lora_weights(tiny_sdxl_dir, tmp_path):
     assert (trained - base).abs().max() > 1e-3
     # lora_alpha != r: without the adapter metadata, load_lora_weights assumes alpha = r and the loaded
     # adapter's effect is scaled by r/alpha (seen: max |diff| 1.2 here) -- exports must pass it.
-    StableDiffusionXLPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(unet),
-                                                unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    save_unet_lora(StableDiffusionXLPipeline, unet, str(tmp_path))
     pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_dir))
     pipe.load_lora_weights(tmp_path)
     with torch.no_grad():
