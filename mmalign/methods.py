@@ -17,7 +17,17 @@ def _pair_method(name: str):
     return load
 
 
-METHODS = {"diffusion_sft": _diffusion_sft, **{n: _pair_method(n) for n in PAIR_METHOD_NAMES}}
+def _mllm(name: str):
+    def load():
+        from .mllm import dpo, sft
+        return {"mllm_sft": sft.MLLMSFT, "mllm_steerlm": sft.MLLMSteerLM, "mllm_dpo": dpo.MLLMDPO,
+                "mllm_mdpo": dpo.MLLMmDPO}[name]
+    return load
+
+
+MLLM_METHOD_NAMES = ("mllm_sft", "mllm_steerlm", "mllm_dpo", "mllm_mdpo")
+METHODS = {"diffusion_sft": _diffusion_sft, **{n: _pair_method(n) for n in PAIR_METHOD_NAMES},
+           **{n: _mllm(n) for n in MLLM_METHOD_NAMES}}
 
 
 def method_class(name: str):

@@ -52,3 +52,40 @@ def tiny_sdxl_dir(tmp_path_factory):
     pipe = build_sdxl_pipeline(tiny_arch(), seed=0, tokenizer=tok)
     pipe.save_pretrained(root / "pipe")
     return root / "pipe"
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    """A LLaVA directory (tiny CLIP tower, projector, Llama LM, word-level chat tokenizer, processor), random
+    weights, saved with save_pretrained."""
+    from mmalign.mllm.tiny import build_tiny_llava, load_architecture
+
+    model, processor = build_tiny_llava(load_architecture("configs/models/shapeworld_llava_tiny.yaml"), seed=0)
+    out = tmp_path_factory.mktemp("tiny_llava")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return str(out)
+
+
+def colour_pairs(n: int):
+    """(images, prompt, chosen, rejected, meta) rows about one-colour images, for the MLLM tests."""
+    from PIL import Image
+
+    colours = [("red", (220, 40, 40)), ("blue", (40, 70, 220)), ("green", (40, 170, 60)), ("yellow", (225, 200, 20))]
+    rows = []
+    for i in range(n):
+        name, rgb = colours[i % 4]
+        wrong = colours[(i + 1) % 4][0]
+        rows.append(([Image.new("RGB", (32, 32), rgb)], "What colour is the circle?",
+                     name if i % 2 else f"a {name} circle", f"two {wrong} squares" if i % 3 else wrong,
+                     {"margin": float(i % 3)}))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def vl_pairs_dir(tmp_path_factory):
+    from mmalign.datasets.vl_records import write_vl_pairs_jsonl
+
+    out = tmp_path_factory.mktemp("vl_pairs")
+    write_vl_pairs_jsonl(out, colour_pairs(8))
+    return str(out)

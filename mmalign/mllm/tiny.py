@@ -34,7 +34,8 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}<|assistant|>{% endif -%}")
 GENERIC_WORDS = ("the", "is", "this", "what", "an", "image", "describe", "it", "in", "there", "are", "how",
                  "many", "colour", "color", "shape", "object", "objects", "yes", "no", "none", "shapes",
-                 "picture", "cat", "dog", "i", "see", "not", "sure")
+                 "picture", "cat", "dog", "i", "see", "not", "sure", "attributes", "quality", "helpfulness",
+                 "correctness", "coherence", "complexity", "verbosity")
 
 
 def load_architecture(path: str | Path) -> dict:

@@ -1,0 +1,198 @@
+"""Multimodal DPO and its variants (IPO, hinge, robust, RPO/SFT term, MM-DPO dynamic β) and mDPO, for any
+AutoModelForImageTextToText checkpoint.
+
+One policy forward over [chosen; rejected] (image tensors duplicated); the reference is the policy with its
+adapters off, a frozen copy, or log-probs computed once into an on-disk cache (`model.reference: cache`).
+Metrics carry TRL's names (rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
+logps/chosen, logps/rejected) so dashboards carry over.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..core.config import ConfigError
+from ..core.reference import make_reference
+from ..datasets.records import SkipReport
+from .data import Encoder, ListDataset, collate_pairs, pad_id_of
+from .logps import sequence_logps, token_logps
+from .losses import dpo_loss, mdpo_loss, mmdpo_beta, sft_nll
+from .models import VLModelConfig, load_vlm, prepare_trainable, reference_kind, save_vlm
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+@dataclass
+class VLPairDataConfig:
+    path: str  # jsonl / parquet / HF datasets dir or hub id (formats: see mmalign.datasets.vl_records)
+    format: str = "auto"  # auto | trl | rlaif_v | vlfeedback | mm_rlhf
+    ties: str = "drop"  # VLFeedback rating ties: drop (counted) | error
+    bad_rows: str = "skip"  # skip (counted, reported) | error
+    image_root: str = ""  # base folder for relative image paths ("" = the data file's folder)
+    max_length: int = 0  # 0 = no limit; longer rows lose trailing answer tokens, never prompt/image tokens
+    ref_cache_dir: str = ".cache/mmalign/ref_logps"
+    ref_batch_size: int = 8
+
+
+@dataclass
+class DPOObjective:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
+    label_smoothing: float = 0.0  # sigmoid (conservative DPO) and robust
+    rpo_alpha: float = 0.0  # + alpha * NLL of the chosen answers (RPO / DPO+SFT)
+    mmdpo_w: float = 0.0  # MM-DPO: beta_i = beta * (1 + w * (1 - exp(-k * margin_i))); 0 = fixed beta
+    mmdpo_k: float = 0.5
+    crop_min: float = 0.01  # mDPO: the cropped image keeps this..crop_max of the area
+    crop_max: float = 0.2
+    anchor: float = 0.0  # mDPO: the anchor's margin delta
+
+
+@dataclass
+class VLDPOConfig:
+    model: VLModelConfig
+    data: VLPairDataConfig
+    objective: DPOObjective = field(default_factory=DPOObjective)
+
+
+class MLLMDPO:
+    config_class = VLDPOConfig
+    crops = False
+
+    def __init__(self, cfg: VLDPOConfig, output_dir: str):
+        self.cfg, self.output_dir = cfg, output_dir
+        o = cfg.objective
+        if o.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"objective.loss_type: {o.loss_type!r} — one of {', '.join(LOSS_TYPES)}")
+        if not 0 <= o.label_smoothing < 0.5:
+            raise ConfigError("objective.label_smoothing: must be in [0, 0.5)")
+        if o.beta <= 0:
+            raise ConfigError("objective.beta: must be > 0")
+        if self.crops and not 0 < o.crop_min <= o.crop_max < 1:
+            raise ConfigError("objective.crop_min/crop_max: need 0 < crop_min <= crop_max < 1")
+        self.ref_kind = reference_kind(cfg.model)
+        self.ref_logps = None
+
+    def build(self, device: torch.device) -> torch.nn.Module:
+        m = self.cfg.model
+        self.device = device
+        model, self.processor = load_vlm(m.pretrained, m.dtype, m.attn_implementation)
+        self.model_config = model.config
+        policy = prepare_trainable(model, m)
+        self.ref = None if self.ref_kind == "cache" else make_reference(self.ref_kind, policy)
+        if self.ref is not None and hasattr(self.ref, "model"):
+            self.ref.model.to(device)
+        self.policy = policy
+        return policy
+
+    def dataset(self) -> ListDataset:
+        from ..datasets.vl_records import load_images, read_vl_pairs
+
+        d = self.cfg.data
+        records, report = read_vl_pairs(d.path, format=d.format, ties=d.ties, bad_rows=d.bad_rows,
+                                        image_root=d.image_root or None)
+        enc = Encoder(self.processor, self.model_config, d.max_length or None, d.bad_rows, report)
+        o = self.cfg.objective
+        crop = (0, o.crop_min, o.crop_max) if self.crops else None
+        rows = [r for i, rec in enumerate(records)
+                if (r := enc.pair(i, rec, load_images(rec), crop)) is not None]
+        out = Path(self.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "data_report.json").write_text(json.dumps({**report.to_dict(), "encoded": len(rows)}, indent=1))
+        if not rows:
+            raise ConfigError(f"data.path: no usable pairs in {d.path} ({report.summary()})")
+        self.pad_id = pad_id_of(self.processor)
+        self.ref_logps = self._reference_cache(rows) if self.ref_kind == "cache" else None
+        return ListDataset(rows)
+
+    def _reference_cache(self, rows) -> dict[int, torch.Tensor]:
+        from ..diffusion.cache import file_fingerprint, model_fingerprint
+
+        d, m, o = self.cfg.data, self.cfg.model, self.cfg.objective
+        path = Path(d.path)
+        key = {"model": model_fingerprint(m.pretrained, [""]), "dtype": m.dtype,
+               "data": file_fingerprint(path) if path.exists() else d.path, "format": d.format,
+               "ties": d.ties, "bad_rows": d.bad_rows, "max_length": d.max_length, "n": len(rows),
+               "crops": [o.crop_min, o.crop_max] if self.crops else None}
+        policy = self.policy.to(self.device)
+
+        def compute(batch_rows):
+            b = _to(collate_pairs(batch_rows, self.pad_id), self.device)
+            with torch.no_grad():
+                parts = [sequence_logps(policy, b["pairs"])[0]]
+                if "cropped" in b:
+                    parts.append(sequence_logps(policy, b["cropped"])[0])
+            n = len(batch_rows)
+            flat = torch.cat(parts)  # [chosen, rejected, (cropped)]
+            return torch.stack([flat[j * n:(j + 1) * n] for j in range(len(parts) + 1 if self.crops else 2)], 1)
+
+        was_training = policy.training
+        policy.eval()
+        try:
+            return cached_reference(d.ref_cache_dir, key, rows, compute, d.ref_batch_size)
+        finally:
+            policy.train(was_training)
+
+    def collate(self, rows) -> dict:
+        return collate_pairs(rows, self.pad_id, self.ref_logps)
+
+    def _reference(self, batch: dict, n: int) -> torch.Tensor:
+        """(2n,) or (3n,) reference log-probs: [chosen, rejected(, cropped)]."""
+        if "ref_logps" in batch:
+            return batch["ref_logps"]
+        parts = [self.ref(lambda model: sequence_logps(model, batch["pairs"])[0])]
+        if "cropped" in batch:
+            parts.append(self.ref(lambda model: sequence_logps(model, batch["cropped"])[0]))
+        return torch.cat(parts)
+
+    def loss(self, policy, batch):
+        o = self.cfg.objective
+        n = batch["margin"].shape[0]
+        tok, mask = token_logps(policy, batch["pairs"])
+        logps, lengths = tok.sum(-1), mask.sum(-1)
+        ref = self._reference(batch, n).to(logps.dtype)
+        pc, pr, rc, rr = logps[:n], logps[n:], ref[:n], ref[n:2 * n]
+        beta = mmdpo_beta(o.beta, batch["margin"], w=o.mmdpo_w, k=o.mmdpo_k) if o.mmdpo_w else o.beta
+        metrics = {}
+        if self.crops:
+            crop_logps = sequence_logps(policy, batch["cropped"])[0]
+            losses, parts = mdpo_loss(pc, pr, rc, rr, crop_logps, ref[2 * n:], beta=o.beta, anchor=o.anchor)
+            cr, rj = o.beta * (pc - rc).detach(), o.beta * (pr - rr).detach()
+            metrics.update({f"mdpo/{k}": v for k, v in parts.items()})
+        else:
+            losses, cr, rj = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=o.loss_type,
+                                      label_smoothing=o.label_smoothing,
+                                      chosen_lengths=lengths[:n], rejected_lengths=lengths[n:])
+        loss = losses.mean()
+        if o.rpo_alpha:
+            nll = sft_nll(tok[:n], mask[:n])
+            loss = loss + o.rpo_alpha * nll
+            metrics["nll/chosen"] = nll.detach()
+        metrics.update({
+            "rewards/chosen": cr.mean(), "rewards/rejected": rj.mean(),
+            "rewards/accuracies": (cr > rj).float().mean(), "rewards/margins": (cr - rj).mean(),
+            "logps/chosen": pc.detach().mean(), "logps/rejected": pr.detach().mean()})
+        if torch.is_tensor(beta):
+            metrics["beta/mean"] = beta.mean()
+        return loss, metrics
+
+    def save_pretrained(self, policy, out_dir: str) -> None:
+        save_vlm(policy, self.processor, out_dir)
+
+
+class MLLMmDPO(MLLMDPO):
+    """mDPO: DPO + an image-conditional term (the chosen answer under the real vs a heavily cropped image) +
+    an anchor keeping the chosen reward positive (see losses.mdpo_loss)."""
+    crops = True
+
+
+def cached_reference(root, key, rows, compute, batch_size):
+    from .refcache import cached_reference_logps
+    return cached_reference_logps(root, key, rows, compute, batch_size)
+
+
+def _to(batch, device):
+    from accelerate.utils import send_to_device
+    return send_to_device(batch, device)

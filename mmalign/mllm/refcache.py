@@ -1,0 +1,55 @@
+"""Reference log-probabilities computed once, before training, and stored on disk.
+
+The entry for a (model files, data file, encoding settings) key is `root/<fingerprint[:20]>/`: one part file per
+chunk of rows, written atomically, so an interrupted pass resumes where it stopped; `key.json` holds the full
+key. Training then needs no reference model at all (no frozen copy in memory, no second forward).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..diffusion.cache import fingerprint
+
+PART_ROWS = 256
+
+
+def cached_reference_logps(root: str, key: dict, rows: list, compute: Callable[[list], torch.Tensor],
+                           batch_size: int, log=print) -> dict[int, torch.Tensor]:
+    """{row.index: tensor of that row's reference log-probs}, computing `compute(batch_rows)` -> (n, k) for the
+    parts not on disk yet."""
+    entry = Path(root) / fingerprint(key)[:20]
+    entry.mkdir(parents=True, exist_ok=True)
+    key_file = entry / "key.json"
+    if key_file.exists() and json.loads(key_file.read_text()) != json.loads(json.dumps(key, default=str)):
+        raise RuntimeError(f"{entry}: fingerprint collision with a different key; remove the folder")
+    key_file.write_text(json.dumps(key, indent=1, default=str))
+    out: dict[int, torch.Tensor] = {}
+    n_parts = (len(rows) + PART_ROWS - 1) // PART_ROWS
+    computed = 0
+    for p in range(n_parts):
+        part_rows = rows[p * PART_ROWS:(p + 1) * PART_ROWS]
+        path = entry / f"part{p:05d}.safetensors"
+        ids = torch.tensor([r.index for r in part_rows])
+        if path.exists():
+            try:
+                t = load_file(str(path))
+                if torch.equal(t["index"], ids):
+                    out.update(zip(ids.tolist(), t["logps"]))
+                    continue
+            except Exception:  # a damaged part is recomputed
+                pass
+        logps = torch.cat([compute(part_rows[b:b + batch_size]).float().cpu()
+                           for b in range(0, len(part_rows), batch_size)])
+        tmp = path.with_suffix(".tmp")
+        save_file({"index": ids, "logps": logps.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+        out.update(zip(ids.tolist(), logps))
+        computed += len(part_rows)
+    log(f"reference log-probs: {len(rows) - computed} rows from {entry}, {computed} computed")
+    return out
