@@ -32,6 +32,7 @@ TIE_POLICIES = ("drop", "error")
 TIE_REASON = "tie (label_0=0.5)"
 _CORE = ("caption", "jpg_0", "jpg_1", "label_0")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 
 
 @dataclass(frozen=True)
@@ -70,13 +71,23 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any, Path]]:
             i += 1
 
 
-def _dataset_rows(ds: Any, name: str = "dataset") -> Iterator[tuple[str, Any, Path | None]]:
+def _dataset_rows(ds: Any, name: str = "dataset",
+                  image_columns: tuple[str, ...] | None = _IMAGE_COLUMNS) -> Iterator[tuple[str, Any, Path | None]]:
+    """Rows of a Dataset/DatasetDict with `image_columns` kept encoded; None keeps every image (any nesting)."""
     if hasattr(ds, "keys") and not hasattr(ds, "features"):  # a DatasetDict
         if "train" not in ds:
             raise DataError(f"{name}: a DatasetDict without a 'train' split (splits: {list(ds.keys())})")
         ds = ds["train"]
+    if image_columns is None and hasattr(ds, "with_format"):
+        # raw Arrow rows: Image features (also inside lists) stay {"bytes", "path"} dicts, nothing is decoded
+        i = 0
+        for batch in ds.with_format("arrow").iter(batch_size=256):
+            for row in batch.to_pylist():
+                yield f"{name}[{i}]", row, None
+                i += 1
+        return
     features = getattr(ds, "features", None) or {}
-    for col in ("jpg_0", "jpg_1"):  # keep encoded bytes: decoding happens in load_pair_images
+    for col in image_columns or ():  # keep encoded bytes: decoding happens in load_pair_images
         if type(features.get(col)).__name__ == "Image":
             import datasets
             ds = ds.cast_column(col, datasets.Image(decode=False))
@@ -92,9 +103,11 @@ def _datasets(source):
     return datasets
 
 
-def _rows(source: Any) -> Iterator[tuple[str, Any, Path | None]]:
+def _rows(source: Any, image_columns: tuple[str, ...] | None = _IMAGE_COLUMNS,
+          jsonl_names: tuple[str, ...] = ("metadata.jsonl",)) -> Iterator[tuple[str, Any, Path | None]]:
+    """(where, row, base folder) for every row of a source; `jsonl_names` are looked for in a folder, in order."""
     if not isinstance(source, (str, os.PathLike)):
-        return _dataset_rows(source)
+        return _dataset_rows(source, image_columns=image_columns)
     p = Path(source)
     if p.is_file():
         if p.suffix == ".jsonl":
@@ -103,19 +116,20 @@ def _rows(source: Any) -> Iterator[tuple[str, Any, Path | None]]:
             return _parquet_rows(p)
         raise DataError(f"{p}: unsupported pair file (expected .jsonl or .parquet)")
     if p.is_dir():
-        if (p / "metadata.jsonl").is_file():
-            return _jsonl_rows(p / "metadata.jsonl")
+        for name in jsonl_names:
+            if (p / name).is_file():
+                return _jsonl_rows(p / name)
         if any((p / m).is_file() for m in ("dataset_info.json", "state.json", "dataset_dict.json")):
             datasets = _datasets(p)
-            return _dataset_rows(datasets.load_from_disk(str(p)), str(p))
+            return _dataset_rows(datasets.load_from_disk(str(p)), str(p), image_columns)
         shards = sorted(p.glob("*.parquet"))
         if shards:
             return (r for s in shards for r in _parquet_rows(s))
-        raise DataError(f"{p}: no metadata.jsonl, *.parquet shards or save_to_disk dataset in this folder")
+        raise DataError(f"{p}: no {' / '.join(jsonl_names)}, *.parquet shards or save_to_disk dataset in this folder")
     s = str(source)
     if _HUB_ID.fullmatch(s) and p.suffix not in (".jsonl", ".parquet", ".json", ".arrow"):
         datasets = _datasets(s)
-        return _dataset_rows(datasets.load_dataset(s, split="train"), s)
+        return _dataset_rows(datasets.load_dataset(s, split="train"), s, image_columns)
     raise FileNotFoundError(f"pair source {s!r}: no such file or folder (and not a hub id like 'owner/name')")
 
 
