@@ -50,9 +50,11 @@ class Encoder:
         return truncate(enc, self.max_length, self.token_id)
 
     def skip(self, err: Exception, where: str) -> None:
-        kind = "too long" if isinstance(err, TooLong) else "image tokens" if isinstance(
-            err, ImageTokenMismatch) else "unencodable"
-        reject(self.report, self.bad_rows, f"{kind}: {err}", where)
+        """Count (or raise, under bad_rows: error) one row by kind; the details go with its location."""
+        kind = ("too long for max_length (prompt and image tokens are never cut)" if isinstance(err, TooLong)
+                else "image tokens do not match the images" if isinstance(err, ImageTokenMismatch)
+                else "cannot encode")
+        reject(self.report, self.bad_rows, kind, f"{where} ({err})")
 
     def pair(self, i: int, rec, images: list, crop: tuple | None) -> EncodedPair | None:
         where = getattr(rec, "where", "") or f"pair {i}"
