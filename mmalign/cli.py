@@ -69,6 +69,22 @@ def cmd_data_pairs(a) -> None:
     print(json.dumps({k: info[k] for k in ("prompts", "pairs", "mean_score", "seconds")}))
 
 
+def cmd_data_best_of_n(a) -> None:
+    from .datasets.vl_records import read_vl_conversations, write_vl_conversations_jsonl
+    from .mllm.models import load_vlm
+    from .mllm.rejection import SCORERS, best_of_n, prompts_from_conversations
+
+    records, report = read_vl_conversations(a.prompts, bad_rows=a.bad_rows)
+    model, processor = load_vlm(a.model)
+    rows, summary = best_of_n(model, processor, prompts_from_conversations(records), a.n, SCORERS[a.scorer],
+                              temperature=a.temperature, seed=a.seed, max_new_tokens=a.max_new_tokens,
+                              min_score=a.min_score)
+    path = write_vl_conversations_jsonl(a.out, rows)
+    info = {"written": str(path), "data": report.to_dict(), **summary.to_dict()}
+    (Path(a.out) / "best_of_n.json").write_text(json.dumps(info, indent=1))
+    print(json.dumps(info))
+
+
 def cmd_demo(a) -> None:
     from .demo import DEMO_RECIPES, DemoSettings, comparison_table, format_results, run_demo
 
@@ -80,6 +96,9 @@ def cmd_demo(a) -> None:
     if len(methods) > 1:
         print(comparison_table(results))
     print(f"results: {Path(a.out) / 'results.json'}  grid: {Path(a.out) / 'grid.png'}")
+
+
+SCORER_NAMES = ("exact_match", "shapeworld_vqa")  # mmalign.mllm.rejection.SCORERS, without importing torch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--steps", type=int, default=15)
     q.add_argument("--guidance", type=float, default=4.0)
     q.set_defaults(fn=cmd_data_pairs)
+
+    q = dsub.add_parser("best-of-n", help="rejection sampling: N answers per prompt from a VLM, keep the best "
+                        "(conversations for mllm_sft; repeat for RAFT)")
+    q.add_argument("--model", required=True, help="model directory or hub id")
+    q.add_argument("--prompts", required=True, help="conversations (jsonl / folder / parquet) ending in a reference answer")
+    q.add_argument("--out", required=True)
+    q.add_argument("--n", type=int, default=4)
+    q.add_argument("--scorer", choices=sorted(SCORER_NAMES), default="exact_match")
+    q.add_argument("--temperature", type=float, default=1.0)
+    q.add_argument("--max-new-tokens", type=int, default=32)
+    q.add_argument("--min-score", type=float, default=None, help="leave out prompts whose best answer scores lower")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--bad-rows", choices=["skip", "error"], default="skip")
+    q.set_defaults(fn=cmd_data_best_of_n)
 
     p = sub.add_parser("sample", help="generate images for prompts with fixed seeds",
                        description="Sample a StableDiffusionPipeline-format model with fixed seeds.")

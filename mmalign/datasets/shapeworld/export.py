@@ -4,6 +4,7 @@
       metadata.jsonl   imagefolder captions: {"file_name": "images/000000.png", "text": ..., "scene": {...}}
       images/*.png
       vqa.jsonl        {"image": "images/000000.png", "question", "answer", "capability"}   (if vqa_per_scene)
+      conversations.jsonl  the same VQA as TRL-format conversations {"images", "messages", "capability"}
       videos.jsonl     {"file_name": "videos/000000.gif", "text": ..., "direction"}      (if videos)
       videos/*.gif
       info.json        seed, counts, resolution, split
@@ -29,7 +30,8 @@ def write_dataset(out: str | Path, n: int, seed: int = 0, resolution: int = 32, 
     scenes = sample_scenes(seed, n, split=split)
     rng = random.Random(seed + 1)
     n_vqa = 0
-    with open(out / "metadata.jsonl", "w") as meta, open(out / "vqa.jsonl", "w") as vqa:
+    with open(out / "metadata.jsonl", "w") as meta, open(out / "vqa.jsonl", "w") as vqa, \
+            open(out / "conversations.jsonl", "w") as conv:
         for i, scene in enumerate(scenes):
             name = f"images/{i:06d}.png"
             render_scene(scene, resolution).save(out / name)
@@ -38,9 +40,13 @@ def write_dataset(out: str | Path, n: int, seed: int = 0, resolution: int = 32, 
                 for item in make_vqa(scene, rng, per_scene=vqa_per_scene):
                     vqa.write(json.dumps({"image": name, "question": item.question, "answer": item.answer,
                                           "capability": item.capability}) + "\n")
+                    conv.write(json.dumps({"images": [name], "capability": item.capability, "messages": [
+                        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.question}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": item.answer}]}]}) + "\n")
                     n_vqa += 1
     if not vqa_per_scene:
         (out / "vqa.jsonl").unlink()
+        (out / "conversations.jsonl").unlink()
     if videos:
         (out / "videos").mkdir()
         with open(out / "videos.jsonl", "w") as f:
