@@ -88,21 +88,35 @@ def cmd_data_best_of_n(a) -> None:
 def cmd_demo(a) -> None:
     from .demo import DEMO_RECIPES, DemoSettings, comparison_table, format_results, run_demo
 
-    methods = {"none": (), "all": tuple(DEMO_RECIPES)}.get(a.methods, tuple(filter(None, a.methods.split(","))))
-    settings = DemoSettings(n=a.n, steps=a.steps, guidance=a.guidance, methods=methods,
-                            pair_prompts=a.pair_prompts, per_prompt=a.per_prompt, train_steps=a.train_steps)
-    results = run_demo(a.out, model=a.model, settings=settings)
-    print(format_results(results))
-    if len(methods) > 1:
-        print(comparison_table(results))
-    print(f"results: {Path(a.out) / 'results.json'}  grid: {Path(a.out) / 'grid.png'}")
+    parts = [p for p in a.parts.split(",") if p]
+    unknown = sorted(set(parts) - {"diffusion", "mllm"})
+    if unknown or not parts:
+        sys.exit(f"--parts: unknown part(s) {unknown}; use diffusion, mllm or both (comma-separated)")
+    if "mllm" in parts:  # refuse a bad MLLM model before the long diffusion part
+        from .mllm.demo import MLLMDemoSettings, format_mllm_results, run_mllm_demo
+        if not Path(a.mllm_model).is_dir():
+            sys.exit(f"--mllm-model: {a.mllm_model} is not a model directory")
+    if "diffusion" in parts:
+        methods = {"none": (), "all": tuple(DEMO_RECIPES)}.get(a.methods, tuple(filter(None, a.methods.split(","))))
+        settings = DemoSettings(n=a.n, steps=a.steps, guidance=a.guidance, methods=methods,
+                                pair_prompts=a.pair_prompts, per_prompt=a.per_prompt, train_steps=a.train_steps)
+        results = run_demo(a.out, model=a.model, settings=settings)
+        print(format_results(results))
+        if len(methods) > 1:
+            print(comparison_table(results))
+        print(f"results: {Path(a.out) / 'results.json'}  grid: {Path(a.out) / 'grid.png'}")
+    if "mllm" in parts:
+        mllm = run_mllm_demo(Path(a.out) / "mllm", model=a.mllm_model,
+                             settings=MLLMDemoSettings(train_steps=a.mllm_train_steps))
+        print(format_mllm_results(mllm))
+        print(f"results: {Path(a.out) / 'mllm' / 'results.json'}")
 
 
 SCORER_NAMES = ("exact_match", "shapeworld_vqa")  # mmalign.mllm.rejection.SCORERS, without importing torch
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import BASE_PIPELINE
+    from .demo import ASSETS, BASE_PIPELINE
 
     ap = argparse.ArgumentParser(prog="mmalign", description="Preference alignment workbench for multimodal models.")
     sub = ap.add_subparsers(dest="verb", required=True)
@@ -184,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair-prompts", type=int, default=256)
     p.add_argument("--per-prompt", type=int, default=4)
     p.add_argument("--train-steps", type=int, default=150)
+    p.add_argument("--parts", default="diffusion,mllm", help="which halves to run: diffusion, mllm or both")
+    p.add_argument("--mllm-model", default=str(ASSETS / "shapeworld_llava"))
+    p.add_argument("--mllm-train-steps", type=int, default=120)
     p.set_defaults(fn=cmd_demo)
     return ap
 
