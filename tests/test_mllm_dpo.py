@@ -178,3 +178,32 @@ def test_adapters_off_with_trained_projector_is_refused(tiny_llava_dir):
                                           reference="adapters_off"), data=VLPairDataConfig(path="x"))
     with pytest.raises(ConfigError, match="projector"):
         MLLMDPO(cfg, "unused")
+
+
+def test_what_trains_by_default_and_by_option(tiny_llava_dir):
+    def trainable(cfg):
+        model = prepare_trainable(load_vlm(tiny_llava_dir)[0], cfg)
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    full = trainable(VLModelConfig(pretrained=tiny_llava_dir))
+    assert full and not any("vision_tower" in n or "multi_modal_projector" in n for n in full)
+    assert any("language_model" in n for n in full) and any("lm_head" in n for n in full)
+    with_proj = trainable(VLModelConfig(pretrained=tiny_llava_dir, train_projector=True))
+    assert {n for n in with_proj - full} and all("multi_modal_projector" in n for n in with_proj - full)
+    lora = trainable(VLModelConfig(pretrained=tiny_llava_dir, lora_rank=2, train_projector=True))
+    assert all("lora_" in n or "multi_modal_projector.modules_to_save" in n for n in lora)
+    assert any("modules_to_save" in n for n in lora) and not any("vision_tower" in n for n in lora)
+
+
+def test_lora_with_trained_projector_exports_it(tiny_llava_dir, vl_pairs_dir, tmp_path):
+    from peft import PeftModel
+
+    cfg = _cfg(tiny_llava_dir, vl_pairs_dir, tmp_path, lora=2, reference="cache")
+    cfg.model.train_projector = True
+    method = MLLMDPO(cfg, str(tmp_path / "run"))
+    train(_experiment(tmp_path / "run", method, steps=2), method)
+    base, _ = load_vlm(tiny_llava_dir)
+    before = base.model.multi_modal_projector.linear_1.weight.clone()
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "run" / "final"))
+    after = loaded.base_model.model.model.multi_modal_projector.linear_1.weight
+    assert not torch.equal(before, after)
