@@ -132,15 +132,31 @@ def test_dpo_step_with_lora(model_dir):
     assert batched.item() == pytest.approx(single.item(), abs=1e-5)
 
 
-def test_generate_answers(model_dir, request):
+def test_generate_answers(model_dir):
     name, path = model_dir
-    if name == "gemma3":  # remove once generate.py nests images per prompt
-        request.applymarker(pytest.mark.xfail(
-            raises=ValueError, strict=True,
-            reason="generate_answers passes a flat image list; Gemma3Processor reads it as one prompt's images"))
     model, processor = load_vlm(path)
     items = [(images, prompt) for images, prompt, _ in _rows()]
     batched = generate_answers(model, processor, items, max_new_tokens=3)
     assert len(batched) == len(items) and all(isinstance(a, str) for a in batched)
     one_by_one = [generate_answers(model, processor, [it], max_new_tokens=3)[0] for it in items]
     assert batched == one_by_one  # left padding and mixed image sizes change no greedy answer
+
+
+def test_truncation_never_cuts_into_image_features_of_any_family(model_dir):
+    """Gemma-3 expands <start_of_image> into <image_soft_token>s: the span check must look at the tokens the
+    features fill (config.image_token_id), not at the marker. A cut inside the second image is refused."""
+    name, path = model_dir
+    model, processor = load_vlm(path)
+    turn = lambda role, *parts: {"role": role, "content": list(parts)}  # noqa: E731
+    msgs = [turn("user", {"type": "image"}, {"type": "text", "text": "What colour is the circle?"}),
+            turn("assistant", {"type": "text", "text": "red"}),
+            turn("user", {"type": "image"}, {"type": "text", "text": "And this one?"}),
+            turn("assistant", {"type": "text", "text": "blue"})]
+    images = [Image.new("RGB", (32, 32), (220, 40, 40)), Image.new("RGB", (32, 32), (40, 70, 220))]
+    full = Encoder(processor, model.config, None, "error", SkipReport()).conversation(0, msgs, images, "c0")
+    span = [i for i, t in enumerate(full.ids) if t == model.config.image_token_id]
+    assert span, name
+    cut_inside = span[-1]  # keeps all but the last feature token of the second image
+    report = SkipReport()
+    enc = Encoder(processor, model.config, cut_inside, "skip", report)
+    assert enc.conversation(0, msgs, images, "c0") is None and sum(report.skipped.values()) == 1

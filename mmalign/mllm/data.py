@@ -42,12 +42,14 @@ class Encoder:
 
     def __init__(self, processor, model_config, max_length: int | None, bad_rows: str, report: SkipReport):
         self.processor, self.max_length, self.bad_rows, self.report = processor, max_length, bad_rows, report
-        self.token_id = image_token_id(processor)
+        self.token_id = image_token_id(processor)  # what the processor expands (<start_of_image> for Gemma-3)
+        # the tokens the image features fill (Gemma-3: <image_soft_token>); truncation must not cut into them
+        self.span_id = getattr(model_config, "image_token_id", None) or self.token_id
         self.per_image = expected_image_tokens(model_config)
 
     def finish(self, enc: Encoded, n_images: int, where: str) -> Encoded:
         check_image_tokens(enc, n_images, self.token_id, self.per_image, where)
-        return truncate(enc, self.max_length, self.token_id)
+        return truncate(enc, self.max_length, self.span_id)
 
     def skip(self, err: Exception, where: str) -> None:
         """Count (or raise, under bad_rows: error) one row by kind; the details go with its location."""

@@ -20,8 +20,8 @@ def generate_answers(model, processor, items: list[tuple[list, list[dict]]], max
     for b in range(0, len(items), batch_size):
         chunk = items[b:b + batch_size]
         texts = [render(processor, msgs, add_generation_prompt=True) for _, msgs in chunk]
-        images = [im for ims, _ in chunk for im in ims]
-        enc = processor(text=texts, images=images or None, padding=True, padding_side="left",
+        images = [list(ims) for ims, _ in chunk]  # per prompt: processors like Gemma-3 read a flat list as one prompt's
+        enc = processor(text=texts, images=images if any(images) else None, padding=True, padding_side="left",
                         return_tensors="pt", add_special_tokens=False)
         enc = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in enc.items()}
         if do_sample:
