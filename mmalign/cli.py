@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-steps", type=int, default=150)
     p.add_argument("--parts", default="diffusion,mllm", help="which halves to run: diffusion, mllm or both")
     p.add_argument("--mllm-model", default=str(ASSETS / "shapeworld_llava"))
-    p.add_argument("--mllm-train-steps", type=int, default=120)
+    p.add_argument("--mllm-train-steps", type=int, default=300)
     p.set_defaults(fn=cmd_demo)
     return ap
 

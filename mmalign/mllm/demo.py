@@ -18,16 +18,16 @@ MLLM_PAIR_SEED = 50_000  # training-split scenes the on-policy answers are sampl
 
 @dataclass
 class MLLMDemoSettings:
-    eval_scenes: int = 300
+    eval_scenes: int = 500  # x 6 = 3000 held-out questions
     eval_per_scene: int = 6
-    pair_scenes: int = 300
+    pair_scenes: int = 400  # x 6 = 2400 training-split questions, 4 sampled answers each
     pair_per_scene: int = 6
     n_samples: int = 4
     temperature: float = 1.0
     pairing: str = "all"
-    train_steps: int = 120
+    train_steps: int = 300
     batch_size: int = 16
-    lr: float = 2e-5
+    lr: float = 5e-5
     beta: float = 0.1
     rpo_alpha: float = 0.0
 
