@@ -19,6 +19,16 @@ def tiny_arch() -> dict:
     return arch
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and a second thread stalls on a busy shared CPU (~10x slower).
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """A StableDiffusionPipeline directory with the real CLIP BPE tokenizer (as SD1.5 has), random weights."""

@@ -16,13 +16,7 @@ SCHED = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", b
 AC = SCHED.alphas_cumprod
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny UNet is ~10x faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ from mmalign.mllm.tiny import build_tiny_llava, load_architecture
 SHIPPED = Path(__file__).resolve().parents[1] / "mmalign/assets/shapeworld_llava"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads, and a second thread stalls on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 @pytest.fixture(scope="module")

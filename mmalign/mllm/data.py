@@ -3,8 +3,10 @@
 counted skips with their reason (or a DataError under bad_rows: error), so the first step never meets them."""
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -114,6 +116,18 @@ def conversation_pieces(processor, messages: list[dict]) -> list[tuple[str, bool
     if full[len(done):]:
         pieces.append((full[len(done):], False))
     return [(t, trained) for t, trained in pieces if t]
+
+
+def finish_dataset(rows: list, report: SkipReport, output_dir: str, what: str, source: str) -> "ListDataset":
+    """Write `data_report.json` (skips by reason, rows encoded) and refuse an empty dataset."""
+    from ..core.config import ConfigError
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "data_report.json").write_text(json.dumps({**report.to_dict(), "encoded": len(rows)}, indent=1))
+    if not rows:
+        raise ConfigError(f"data.path: no usable {what} in {source} ({report.summary()})")
+    return ListDataset(rows)
 
 
 class ListDataset(torch.utils.data.Dataset):

@@ -8,7 +8,6 @@ logps/chosen, logps/rejected) so dashboards carry over.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +15,7 @@ import torch
 
 from ..core.config import ConfigError
 from ..core.reference import make_reference
-from ..datasets.records import SkipReport
-from .data import Encoder, ListDataset, collate_pairs, pad_id_of
+from .data import Encoder, ListDataset, collate_pairs, finish_dataset, pad_id_of
 from .logps import sequence_logps, token_logps
 from .losses import dpo_loss, mdpo_loss, mmdpo_beta, sft_nll
 from .models import VLModelConfig, load_vlm, prepare_trainable, reference_kind, save_vlm
@@ -98,14 +96,10 @@ class MLLMDPO:
         crop = (0, o.crop_min, o.crop_max) if self.crops else None
         rows = [r for i, rec in enumerate(records)
                 if (r := enc.pair(i, rec, load_images(rec), crop)) is not None]
-        out = Path(self.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "data_report.json").write_text(json.dumps({**report.to_dict(), "encoded": len(rows)}, indent=1))
-        if not rows:
-            raise ConfigError(f"data.path: no usable pairs in {d.path} ({report.summary()})")
+        dataset = finish_dataset(rows, report, self.output_dir, "pairs", d.path)
         self.pad_id = pad_id_of(self.processor)
         self.ref_logps = self._reference_cache(rows) if self.ref_kind == "cache" else None
-        return ListDataset(rows)
+        return dataset
 
     def _reference_cache(self, rows) -> dict[int, torch.Tensor]:
         from ..diffusion.cache import file_fingerprint, model_fingerprint

@@ -3,14 +3,12 @@ trained, everything else is context), and SteerLM: the same, with each example's
 into the prompt so that at inference the wanted attributes can be asked for."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from ..core.config import ConfigError
-from .data import Encoder, ListDataset
+from .data import Encoder, ListDataset, finish_dataset
 from .encoding import pad_batch, pad_id_of
 from .logps import token_logps
 from .models import VLModelConfig, load_vlm, prepare_trainable, save_vlm
@@ -87,13 +85,9 @@ class MLLMSFT:
             row = enc.conversation(i, msgs, load_images(rec), where)
             if row is not None:
                 rows.append(row)
-        out = Path(self.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "data_report.json").write_text(json.dumps({**report.to_dict(), "encoded": len(rows)}, indent=1))
-        if not rows:
-            raise ConfigError(f"data.path: no usable conversations in {d.path} ({report.summary()})")
+        dataset = finish_dataset(rows, report, self.output_dir, "conversations", d.path)
         self.pad_id = pad_id_of(self.processor)
-        return ListDataset(rows)
+        return dataset
 
     def collate(self, rows) -> dict:
         return pad_batch(rows, self.pad_id)
