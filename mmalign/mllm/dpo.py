@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import send_to_device
 
 from ..core.config import ConfigError
 from ..core.reference import make_reference
@@ -19,6 +20,7 @@ from .data import Encoder, ListDataset, collate_pairs, finish_dataset, pad_id_of
 from .logps import sequence_logps, token_logps
 from .losses import dpo_loss, mdpo_loss, mmdpo_beta, sft_nll
 from .models import VLModelConfig, load_vlm, prepare_trainable, reference_kind, save_vlm
+from .refcache import cached_reference_logps
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -108,24 +110,23 @@ class MLLMDPO:
         path = Path(d.path)
         key = {"model": model_fingerprint(m.pretrained, [""]), "dtype": m.dtype,
                "data": file_fingerprint(path) if path.exists() else d.path, "format": d.format,
-               "ties": d.ties, "bad_rows": d.bad_rows, "max_length": d.max_length, "n": len(rows),
+               "image_root": d.image_root, "ties": d.ties, "bad_rows": d.bad_rows, "max_length": d.max_length,
+               "n": len(rows),
                "crops": [o.crop_min, o.crop_max] if self.crops else None}
         policy = self.policy.to(self.device)
 
         def compute(batch_rows):
-            b = _to(collate_pairs(batch_rows, self.pad_id), self.device)
+            b = send_to_device(collate_pairs(batch_rows, self.pad_id), self.device)
             with torch.no_grad():
                 parts = [sequence_logps(policy, b["pairs"])[0]]
                 if "cropped" in b:
                     parts.append(sequence_logps(policy, b["cropped"])[0])
-            n = len(batch_rows)
-            flat = torch.cat(parts)  # [chosen, rejected, (cropped)]
-            return torch.stack([flat[j * n:(j + 1) * n] for j in range(len(parts) + 1 if self.crops else 2)], 1)
+            return torch.cat(parts).view(-1, len(batch_rows)).T  # (n, 2 or 3): chosen, rejected(, cropped)
 
         was_training = policy.training
         policy.eval()
         try:
-            return cached_reference(d.ref_cache_dir, key, rows, compute, d.ref_batch_size)
+            return cached_reference_logps(d.ref_cache_dir, key, rows, compute, d.ref_batch_size)
         finally:
             policy.train(was_training)
 
@@ -181,12 +182,3 @@ class MLLMmDPO(MLLMDPO):
     an anchor keeping the chosen reward positive (see losses.mdpo_loss)."""
     crops = True
 
-
-def cached_reference(root, key, rows, compute, batch_size):
-    from .refcache import cached_reference_logps
-    return cached_reference_logps(root, key, rows, compute, batch_size)
-
-
-def _to(batch, device):
-    from accelerate.utils import send_to_device
-    return send_to_device(batch, device)
