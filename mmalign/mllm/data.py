@@ -12,7 +12,7 @@ import torch
 
 from ..datasets.records import DataError, SkipReport, reject
 from .encoding import (Encoded, ImageTokenMismatch, TooLong, check_image_tokens, encode_pieces, encode_text,
-                       expected_image_tokens, image_token_id, pad_batch, pad_id_of, render, split_prompt, truncate)
+                       expected_image_tokens, image_token_id, pad_batch, render, split_prompt, truncate)
 
 
 @dataclass
@@ -152,6 +152,3 @@ def collate_pairs(rows: list[EncodedPair], pad_id: int, ref: dict[int, torch.Ten
         batch["ref_logps"] = torch.stack([ref[r.index] for r in rows]).T.reshape(-1)  # [c..., r..., crop...]
     return batch
 
-
-__all__ = ["EncodedPair", "Encoder", "ListDataset", "collate_pairs", "conversation_pieces", "pad_id_of",
-           "random_crop"]

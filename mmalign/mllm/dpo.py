@@ -16,7 +16,8 @@ from accelerate.utils import send_to_device
 
 from ..core.config import ConfigError
 from ..core.reference import make_reference
-from .data import Encoder, ListDataset, collate_pairs, finish_dataset, pad_id_of
+from .data import Encoder, ListDataset, collate_pairs, finish_dataset
+from .encoding import pad_id_of
 from .logps import sequence_logps, token_logps
 from .losses import dpo_loss, mdpo_loss, mmdpo_beta, sft_nll
 from .models import VLModelConfig, load_vlm, prepare_trainable, reference_kind, save_vlm
