@@ -202,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mllm-model", default=str(ASSETS / "shapeworld_llava"))
     p.add_argument("--mllm-train-steps", type=int, default=300)
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("eval", help="score images, compare runs, benchmark vision-language models")
+    esub = p.add_subparsers(dest="what", required=True)
+    # Each evaluation module adds its verbs here with one register(...) call; keep their imports torch-free.
+    # (verbs under `mmalign data` and top-level verbs such as `report` register the same way, below.)
     return ap
 
 
