@@ -1,0 +1,300 @@
+"""Videos as frames, and video preference pairs read row by row under an explicit bad-row policy.
+
+`read_video` takes an mp4/webm/mov/mkv/avi file (decoded with PyAV, `pip install av`), a GIF (Pillow), a folder
+of frame images (sorted naturally: frame2 before frame10) or frames in memory (a uint8 (F, H, W, 3) array, or a
+list of PIL images / (H, W, 3) arrays), and samples frames start, start+stride, ... (n_frames of them, or all).
+
+GIF timing: Pillow merges identical consecutive frames when it writes a GIF and adds up their durations. A GIF
+whose frame durations are all whole multiples of the shortest one is therefore read on that shortest duration's
+timeline (a frame shown twice as long counts twice), which restores the merged frames; other GIFs are read frame
+by frame (`gif_timeline=False` always does that).
+
+Pair rows (jsonl, csv, a folder with metadata.jsonl, or anything `mmalign.datasets.pairs` reads): `caption` with
+either `video_w`, `video_l` (preferred, rejected) or the Pick-a-Pic-like `video_0`, `video_1`, `label_0` (1: video_0
+preferred, 0: video_1 preferred, 0.5: a tie, handled as in `pairs.py`). Videos are paths relative to `video_root`,
+else to the source file's folder. A bad row is a counted skip with its reason or a `DataError` naming file:line.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+from PIL import Image, ImageSequence
+
+from ..datasets.pairs import TIE_POLICIES, TIE_REASON, _Bad, _label, _rows
+from ..datasets.records import DataError, SkipReport, _check_policy, reject
+
+CONTAINER_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+_NATIVE, _LABELLED = ("video_w", "video_l"), ("video_0", "video_1")
+_CORE = ("caption", *_NATIVE, *_LABELLED, "label_0")
+
+
+class VideoError(DataError):
+    """A video that cannot give the frames asked for; `reason` is the short category a skip report counts."""
+
+    def __init__(self, where: Any, reason: str, detail: str = ""):
+        self.reason = reason
+        super().__init__(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+def natural_key(name: str) -> list:
+    """Sort key reading digit runs as numbers: frame2 < frame10."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def _check_sampling(n_frames: int | None, stride: int, start: int) -> None:
+    if (n_frames is not None and n_frames < 1) or stride < 1 or start < 0:
+        raise ValueError(f"sampling needs n_frames >= 1 (or None), stride >= 1, start >= 0; "
+                         f"got n_frames={n_frames}, stride={stride}, start={start}")
+
+
+def _frames_needed(n_frames: int | None, stride: int, start: int) -> int | None:
+    """How many leading frames the sampling reads (None: all)."""
+    return None if n_frames is None else start + (n_frames - 1) * stride + 1
+
+
+def _sample(total: int, n_frames: int | None, stride: int, start: int, where: Any) -> list[int]:
+    need = _frames_needed(n_frames, stride, start)
+    if total <= start or (need is not None and total < need):
+        raise VideoError(where, "video too short", f"{total} frame(s); start={start}, stride={stride}, "
+                         f"n_frames={n_frames} needs {need if need is not None else start + 1}")
+    return list(range(start, total if need is None else need, stride))
+
+
+def _check_sizes(frames: list[np.ndarray], names: list[Any]) -> None:
+    first = frames[0].shape
+    for f, name in zip(frames, names):
+        if f.shape != first:
+            raise VideoError(name, "mixed frame sizes", f"{f.shape[1]}x{f.shape[0]} but {names[0]} is "
+                             f"{first[1]}x{first[0]}")
+
+
+def _in_memory(frames: Any) -> list[np.ndarray]:
+    where = "<frames in memory>"
+    if isinstance(frames, np.ndarray):
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise VideoError(where, "bad frame array", f"expected (F, H, W, 3), got shape {frames.shape}")
+        frames = list(frames)
+    frames = [np.asarray(f.convert("RGB")) if isinstance(f, Image.Image) else np.asarray(f) for f in frames]
+    if not frames:
+        raise VideoError(where, "no frames")
+    for i, f in enumerate(frames):
+        if f.dtype != np.uint8 or f.ndim != 3 or f.shape[-1] != 3:
+            raise VideoError(where, "bad frame array", f"frame {i}: expected uint8 (H, W, 3), got {f.dtype} "
+                             f"{f.shape}")
+    _check_sizes(frames, [f"{where} frame {i}" for i in range(len(frames))])
+    return frames
+
+
+def _gif_frames(path: Path, timeline: bool) -> list[np.ndarray]:
+    with Image.open(path) as im:
+        if im.format != "GIF":
+            raise VideoError(path, "unreadable video", f"not a GIF but {im.format}")
+        pairs = [(np.asarray(f.convert("RGB")), int(f.info.get("duration") or 0)) for f in ImageSequence.Iterator(im)]
+    base = min(d for _, d in pairs)
+    if timeline and base > 0 and all(d % base == 0 for _, d in pairs):
+        return [f for f, d in pairs for _ in range(d // base)]
+    return [f for f, _ in pairs]
+
+
+def _container_frames(path: Path, need: int | None) -> list[np.ndarray]:
+    try:
+        import av
+    except ImportError as e:
+        raise ImportError(f"reading {path} needs PyAV: pip install av") from e
+    frames = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(path, "unreadable video", "no video stream")
+            for frame in container.decode(video=0):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if need is not None and len(frames) >= need:
+                    break
+    except av.FFmpegError as e:
+        raise VideoError(path, "unreadable video", f"{type(e).__name__}: {e}") from e
+    return frames
+
+
+def _folder_frames(folder: Path, n_frames: int | None, stride: int, start: int) -> list[np.ndarray]:
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and not p.name.startswith(".")),
+                   key=lambda p: natural_key(p.name))
+    if not files:
+        raise VideoError(folder, "no frames", f"no {'/'.join(FRAME_SUFFIXES)} files in this folder")
+    picked = [files[i] for i in _sample(len(files), n_frames, stride, start, folder)]
+    frames = []
+    for p in picked:
+        try:
+            with Image.open(p) as im:
+                im.load()
+                frames.append(np.asarray(im.convert("RGB")))
+        except (OSError, ValueError) as e:
+            raise VideoError(p, "unreadable frame", f"{type(e).__name__}: {e}") from e
+    _check_sizes(frames, picked)
+    return frames
+
+
+def read_video(source: Any, n_frames: int | None = None, stride: int = 1, start: int = 0,
+               as_array: bool = False, gif_timeline: bool = True) -> list[Image.Image] | np.ndarray:
+    """Frames start, start+stride, ..., (n_frames of them; all to the end when None) as RGB PIL images, or as a
+    uint8 (F, H, W, 3) array with `as_array`. Raises `VideoError` (a `DataError`) naming the file for a missing,
+    unreadable or unsupported file, an empty folder, mixed frame sizes, or fewer frames than the sampling needs."""
+    _check_sampling(n_frames, stride, start)
+    if not isinstance(source, (str, os.PathLike)):
+        frames = _in_memory(source)
+        frames = [frames[i] for i in _sample(len(frames), n_frames, stride, start, "<frames in memory>")]
+    else:
+        path = Path(source)
+        if path.is_dir():
+            frames = _folder_frames(path, n_frames, stride, start)
+        elif not path.is_file():
+            raise VideoError(path, "video file not found")
+        else:
+            suffix = path.suffix.lower()
+            if suffix == ".gif":
+                try:
+                    frames = _gif_frames(path, gif_timeline)
+                except VideoError:
+                    raise
+                except (OSError, ValueError) as e:
+                    raise VideoError(path, "unreadable video", f"{type(e).__name__}: {e}") from e
+            elif suffix in CONTAINER_SUFFIXES:
+                frames = _container_frames(path, _frames_needed(n_frames, stride, start))
+            else:
+                raise VideoError(path, "unsupported video file", f"expected .gif, {', '.join(CONTAINER_SUFFIXES)} "
+                                 "or a folder of frames")
+            frames = [frames[i] for i in _sample(len(frames), n_frames, stride, start, path)]
+            _check_sizes(frames, [f"{path} frame {start + k * stride}" for k in range(len(frames))])
+    if as_array:
+        return np.stack(frames)
+    return [Image.fromarray(f) for f in frames]
+
+
+@dataclass(frozen=True)
+class VideoPairRecord:
+    caption: str
+    frames_w: np.ndarray  # preferred video, uint8 (F, H, W, 3)
+    frames_l: np.ndarray  # rejected video
+    path_w: Path
+    path_l: Path
+    where: str            # "file:line" or "dataset[row]" for messages
+    extra: dict           # other columns kept
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, Any, Path]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            clean = {k: (v if v != "" else None) for k, v in row.items() if k is not None}
+            if None in row:  # more cells than header columns
+                yield f"{path}:{reader.line_num}", _Bad("more cells than header columns"), path.parent
+                continue
+            if isinstance(clean.get("label_0"), str):
+                try:
+                    clean["label_0"] = float(clean["label_0"])
+                except ValueError:
+                    pass
+            yield f"{path}:{reader.line_num}", clean, path.parent
+
+
+def _pair_rows(source: Any) -> Iterator[tuple[str, Any, Path | None]]:
+    if isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".csv" and Path(source).is_file():
+        return _csv_rows(Path(source))
+    return _rows(source, image_columns=None, jsonl_names=("metadata.jsonl", "pairs.jsonl"))
+
+
+def _video_path(value: Any, root: Path | None, col: str) -> Path | str:
+    """An existing path, or (a plain str) the reason the value is bad."""
+    if not isinstance(value, str) or not value:
+        return f"missing {col}"
+    path = Path(value) if root is None or Path(value).is_absolute() else root / value
+    return path if path.exists() else "video file not found"
+
+
+def read_video_pairs(source: Any, n_frames: int | None, stride: int = 1, bad_rows: str = "skip",
+                     video_root: str | Path | None = None, ties: str = "drop",
+                     start: int = 0) -> tuple[list[VideoPairRecord], SkipReport]:
+    """Valid, non-tied pairs of `source` with both videos decoded (oriented preferred/rejected), and a report of
+    every row left out (kept + skipped == total)."""
+    _check_policy(bad_rows)
+    _check_sampling(n_frames, stride, start)
+    if ties not in TIE_POLICIES:
+        raise ValueError(f"tie policy must be one of {TIE_POLICIES}, got {ties!r}")
+    report, out = SkipReport(), []
+    for where, row, base in _pair_rows(source):
+        report.total += 1
+        if isinstance(row, _Bad) or not isinstance(row, dict):
+            reject(report, bad_rows, row if isinstance(row, _Bad) else "row is not a JSON object", where)
+            continue
+        if not isinstance(row.get("caption"), str):
+            reject(report, bad_rows, "missing or non-string caption", where)
+            continue
+        if any(row.get(c) is not None for c in _NATIVE):
+            cols, label = _NATIVE, 1.0
+        elif any(row.get(c) is not None for c in _LABELLED):
+            cols, label = _LABELLED, _label(row.get("label_0"))
+            if label is None:
+                reject(report, bad_rows, "label_0 missing or not 0, 0.5 or 1", where)
+                continue
+        else:
+            reject(report, bad_rows, "no video columns (video_w/video_l or video_0/video_1)", where)
+            continue
+        root = Path(video_root) if video_root is not None else base
+        paths = [_video_path(row.get(c), root, c) for c in cols]
+        bad = next((p for p in paths if isinstance(p, str)), None)
+        if bad is not None:
+            reject(report, bad_rows, bad, where)
+            continue
+        if label == 0.5:
+            if ties == "error":
+                raise DataError(f"{where}: {TIE_REASON}: a tie has no preferred video (use ties='drop')")
+            report.skip(TIE_REASON, where)
+            continue
+        path_w, path_l = paths if label == 1 else paths[::-1]
+        try:
+            frames = [read_video(p, n_frames, stride, start, as_array=True) for p in (path_w, path_l)]
+        except VideoError as e:
+            reject(report, bad_rows, e.reason, f"{where} ({e})")
+            continue
+        extra = {k: v for k, v in row.items() if k not in _CORE}
+        out.append(VideoPairRecord(row["caption"], frames[0], frames[1], path_w, path_l, where, extra))
+    report.kept = len(out)
+    return out, report
+
+
+def write_gif(frames: Any, path: str | Path, frame_ms: int = 100) -> None:
+    """Frames (anything `read_video` takes in memory) as a looping GIF; exact for frames of <= 256 colours, and
+    `read_video` gives back every frame (merged identical frames are restored from their durations)."""
+    if frame_ms <= 0 or frame_ms % 10:
+        raise ValueError(f"GIF stores durations in 10 ms steps; frame_ms must be a positive multiple of 10, "
+                         f"got {frame_ms}")
+    first, *rest = [Image.fromarray(f) for f in _in_memory(frames)]
+    first.save(path, save_all=True, append_images=rest, duration=frame_ms, loop=0)
+
+
+def write_video_pairs_jsonl(out_dir: str | Path, rows: Iterable[tuple[str, Any, Any, dict]],
+                            frame_ms: int = 100) -> Path:
+    """Write (caption, preferred frames, rejected frames, extra) as `out_dir/videos/*.gif` + `metadata.jsonl`
+    rows {caption, video_w, video_l, **extra}; returns the metadata path. `read_video_pairs` reads it back."""
+    out_dir = Path(out_dir)
+    (out_dir / "videos").mkdir(parents=True, exist_ok=True)
+    meta, tmp = out_dir / "metadata.jsonl", out_dir / "metadata.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i, (caption, frames_w, frames_l, extra) in enumerate(rows):
+            clash = set(extra or {}) & set(_CORE)
+            if clash:
+                raise ValueError(f"pair {i}: extra keys {sorted(clash)} clash with the pair columns")
+            names = [f"videos/{i:06d}_w.gif", f"videos/{i:06d}_l.gif"]
+            write_gif(frames_w, out_dir / names[0], frame_ms)
+            write_gif(frames_l, out_dir / names[1], frame_ms)
+            f.write(json.dumps({"caption": caption, "video_w": names[0], "video_l": names[1], **(extra or {})})
+                    + "\n")
+    os.replace(tmp, meta)
+    return meta
