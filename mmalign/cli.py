@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score images, compare runs, benchmark vision-language models")
     esub = p.add_subparsers(dest="what", required=True)
     # Each evaluation module adds its verbs here with one register(...) call; keep their imports torch-free.
+    __import__("mmalign.evals.cli_video", fromlist=["register"]).register(esub)
     # (verbs under `mmalign data` and top-level verbs such as `report` register the same way, below.)
     return ap
 
