@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--bad-rows", choices=["skip", "error"], default="skip")
     q.set_defaults(fn=cmd_data_best_of_n)
+    __import__("mmalign.evals.cli_mllm", fromlist=["register_data"]).register_data(dsub)
 
     p = sub.add_parser("sample", help="generate images for prompts with fixed seeds",
                        description="Sample a StableDiffusionPipeline-format model with fixed seeds.")
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score images, compare runs, benchmark vision-language models")
     esub = p.add_subparsers(dest="what", required=True)
     # Each evaluation module adds its verbs here with one register(...) call; keep their imports torch-free.
+    __import__("mmalign.evals.cli_mllm", fromlist=["register"]).register(esub)
     __import__("mmalign.evals.cli_video", fromlist=["register"]).register(esub)
     # (verbs under `mmalign data` and top-level verbs such as `report` register the same way, below.)
     return ap
