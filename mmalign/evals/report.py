@@ -1,0 +1,273 @@
+"""`mmalign report RUN_DIR...`: find what run directories hold and write one self-contained HTML page.
+
+Recognised (searched up to 4 levels deep; checkpoints, caches, model exports and image folders are not entered):
+- ``metrics.jsonl`` (core/trainer.py: one JSON object per logged step) -> metric curves;
+- the diffusion demo's ``results.json`` (demo.run_demo: base / aligned accuracy, gains, win rates) with its
+  ``base/samples.jsonl`` and ``<method>/eval/samples.jsonl`` -> tables and before/after grids paired by
+  (prompt, seed); the older base-only layout (``accuracy`` at the top, ``samples.jsonl`` beside it) too;
+- the vision-language demo's ``results.json`` (mllm/demo.run_mllm_demo) -> per-capability tables, POPE;
+- results files in the lmms-eval-like layout (evals/results.read_results) -> one table per task;
+- any other ``samples.jsonl`` (``mmalign sample``, video GIFs) -> an image grid.
+A directory with none of these, or a recognised file that does not parse, is a DataError naming it.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..datasets.records import DataError
+
+SMALL_IMAGE = 64  # px: shown upscaled without smoothing
+MAX_SIDE = 256  # px: larger images are downscaled before embedding
+PRUNED_DIRS = {"checkpoints", "cache", "ref_cache", "final", "tensorboard", "samples", "images", "pairs"}
+MAX_DEPTH = 4
+
+
+@dataclass
+class Sample:
+    file: Path
+    prompt: str
+    seed: int | None
+    scores: dict
+
+
+@dataclass
+class SampleSet:
+    label: str
+    path: Path  # the samples.jsonl
+    samples: list[Sample]
+
+
+@dataclass
+class TrainingLog:
+    name: str
+    path: Path
+    records: list[dict]
+
+
+@dataclass
+class Run:
+    root: Path
+    logs: list[TrainingLog] = field(default_factory=list)
+    diffusion: list[tuple[Path, dict, list[SampleSet]]] = field(default_factory=list)  # results.json, doc, sets
+    mllm: list[tuple[Path, dict]] = field(default_factory=list)
+    evals: list[tuple[Path, dict]] = field(default_factory=list)  # read_results(...) output
+    sample_sets: list[SampleSet] = field(default_factory=list)  # samples not owned by a demo
+
+    def empty(self) -> bool:
+        return not (self.logs or self.diffusion or self.mllm or self.evals or self.sample_sets)
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+        rows.append(obj)
+    return rows
+
+
+def read_metrics_log(path: Path, name: str) -> TrainingLog:
+    """Trainer log lines: {"step": int, "loss": float, "lr": float, <metric>: float, ..., "elapsed_s": float}."""
+    records = read_jsonl(path)
+    for i, r in enumerate(records, 1):
+        if not isinstance(r.get("step"), int) or isinstance(r.get("step"), bool):
+            raise DataError(f"{path}: record {i} has no integer 'step' (keys: {sorted(r)})")
+    return TrainingLog(name, Path(path), records)
+
+
+def read_samples(path: Path, label: str) -> SampleSet:
+    """samples.jsonl rows {"file_name", "prompt" (or "text"), "seed"?, "scores"?}; every image must exist."""
+    path = Path(path)
+    out = []
+    for i, r in enumerate(read_jsonl(path), 1):
+        if not isinstance(r.get("file_name"), str):
+            raise DataError(f"{path}: row {i} has no 'file_name'")
+        prompt = r["prompt"] if "prompt" in r else r.get("text", "")
+        seed = r.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise DataError(f"{path}: row {i} has a non-integer seed {seed!r}")
+        file = path.parent / r["file_name"]
+        if not file.is_file():
+            raise DataError(f"{path}: row {i} names {r['file_name']!r}, which does not exist")
+        out.append(Sample(file, str(prompt), seed, r.get("scores") or {}))
+    return SampleSet(label, path, out)
+
+
+def image_uri(path: Path, max_side: int = MAX_SIDE) -> tuple[str, int]:
+    """(data URI, longest side in px). Small PNG/JPEG/GIF files are embedded byte for byte; larger images are
+    downscaled to `max_side` (animated GIFs frame by frame, keeping durations and looping)."""
+    from PIL import Image, ImageSequence
+
+    try:
+        im = Image.open(path)
+        im.load()
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable image ({e})") from None
+    mime = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif"}.get(im.format)
+    side = max(im.size)
+    if mime and side <= max_side:
+        data = Path(path).read_bytes()
+    else:
+        scale = max_side / side if side > max_side else 1.0
+        size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+        buf = io.BytesIO()
+        if getattr(im, "is_animated", False):
+            frames = [f.convert("RGBA").resize(size) for f in ImageSequence.Iterator(im)]
+            frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], loop=im.info.get("loop", 0),
+                           duration=im.info.get("duration", 100), disposal=2)
+            mime = "image/gif"
+        else:
+            im.convert("RGBA").resize(size).save(buf, "PNG")
+            mime = "image/png"
+        data, side = buf.getvalue(), max(size)
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", side
+
+
+def pair_by_prompt_seed(sets: list[SampleSet]) -> tuple[list[tuple[str, int]], list[str]]:
+    """Keys (prompt, seed) present in every set, in the first set's order, and one warning per set with
+    samples the first set lacks (or lacking some of its samples). DataError on duplicate keys, missing
+    seeds, or sets sharing no key at all: those are not before/after comparisons."""
+    keyed = []
+    for s in sets:
+        keys = {}
+        for i, smp in enumerate(s.samples, 1):
+            if smp.seed is None:
+                raise DataError(f"{s.path}: row {i} has no seed; before/after pairing needs (prompt, seed)")
+            k = (smp.prompt, smp.seed)
+            if k in keys:
+                raise DataError(f"{s.path}: (prompt, seed) {k!r} appears twice")
+            keys[k] = smp
+        keyed.append(keys)
+    common = [k for k in keyed[0] if all(k in d for d in keyed[1:])]
+    warnings = []
+    for s, d in zip(sets[1:], keyed[1:]):
+        shared = sum(k in keyed[0] for k in d)
+        if shared == 0:
+            raise DataError(f"{s.path} shares no (prompt, seed) with {sets[0].path}: not the same prompts and seeds")
+        only_here, only_first = len(d) - shared, len(keyed[0]) - shared
+        if only_here or only_first:
+            warnings.append(f"{s.label}: {only_first} of {sets[0].label}'s (prompt, seed) pairs missing, "
+                            f"{only_here} extra; only pairs present in every model are shown")
+    return common, warnings
+
+
+def _is_diffusion_demo(doc) -> bool:
+    return isinstance(doc, dict) and "sampler" in doc and ("aligned" in doc or "accuracy" in doc)
+
+
+def _is_mllm_demo(doc) -> bool:
+    return isinstance(doc, dict) and "comparison" in doc and "n_questions" in doc
+
+
+def _is_eval_results(doc) -> bool:
+    return isinstance(doc, dict) and isinstance(doc.get("results"), dict) and "higher_is_better" in doc
+
+
+def _diffusion_sample_sets(results_path: Path, doc: dict) -> list[SampleSet]:
+    here = results_path.parent
+    if "aligned" not in doc:  # older base-only layout
+        candidates = [("base", here / "samples.jsonl")]
+    else:
+        candidates = [("base", here / "base" / "samples.jsonl")]
+        candidates += [(m, here / m / "eval" / "samples.jsonl") for m in doc["aligned"]]
+    return [read_samples(p, label) for label, p in candidates if p.is_file()]
+
+
+def _walk(root: Path):
+    """(directory, file names) up to MAX_DEPTH levels below root, pruned directories not entered."""
+    for d, dirs, files in os.walk(root):
+        depth = len(Path(d).relative_to(root).parts)
+        dirs[:] = sorted(x for x in dirs if x not in PRUNED_DIRS and not x.startswith(".") and depth < MAX_DEPTH)
+        yield Path(d), sorted(files)
+
+
+def discover(root) -> Run:
+    """Everything recognisable under one run directory (see the module docstring)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory")
+    run, owned = Run(root), set()
+    for d, files in _walk(root):
+        rel = d.relative_to(root).as_posix()
+        if "metrics.jsonl" in files:
+            run.logs.append(read_metrics_log(d / "metrics.jsonl", "(top level)" if rel == "." else rel))
+        for f in (x for x in files if x.endswith(".json")):
+            doc = read_json(d / f)
+            if _is_diffusion_demo(doc):
+                sets = _diffusion_sample_sets(d / f, doc)
+                owned |= {s.path for s in sets}
+                run.diffusion.append((d / f, doc, sets))
+            elif _is_mllm_demo(doc):
+                run.mllm.append((d / f, doc))
+            elif _is_eval_results(doc):
+                from .results import read_results
+                try:
+                    run.evals.append((d / f, read_results(d / f)))
+                except (ValueError, KeyError, TypeError, AttributeError) as e:
+                    raise DataError(f"{d / f}: broken results file ({e})") from None
+    for d, files in _walk(root):
+        if "samples.jsonl" in files and d / "samples.jsonl" not in owned:
+            rel = d.relative_to(root).as_posix()
+            run.sample_sets.append(read_samples(d / "samples.jsonl", "(top level)" if rel == "." else rel))
+    if run.empty():
+        raise DataError(f"{root}: nothing to report (no metrics.jsonl, demo results.json, evaluation results "
+                        f"file or samples.jsonl within {MAX_DEPTH} levels)")
+    return run
+
+
+def build_report(run_dirs, smooth: float = 0.0, max_images: int = 64) -> str:
+    """The HTML page for one or more run directories."""
+    from .report_html import render_page
+
+    if not run_dirs:
+        raise ValueError("give at least one run directory")
+    if not 0 <= smooth < 1:
+        raise ValueError(f"smoothing weight must lie in [0, 1), got {smooth}")
+    return render_page([discover(r) for r in run_dirs], smooth=smooth, max_images=max_images)
+
+
+def write_report(run_dirs, out=None, smooth: float = 0.0, max_images: int = 64) -> Path:
+    out = Path(out) if out else Path(run_dirs[0]) / "report.html"
+    page = build_report(run_dirs, smooth, max_images)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+def cmd_report(a) -> None:
+    try:
+        path = write_report(a.run_dirs, a.out, a.smooth, a.max_images)
+    except (DataError, ValueError) as e:
+        sys.exit(f"report: {e}")
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+def register(sub) -> None:
+    """Add the top-level `report` verb to the `mmalign` parser's subparsers."""
+    p = sub.add_parser("report", help="one self-contained HTML page for run directories",
+                       description="Write one HTML page (inline SVG charts, embedded images, no external "
+                                   "resources) from training logs, demo results, evaluation results and samples.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="output file (default: <first RUN_DIR>/report.html)")
+    p.add_argument("--smooth", type=float, default=0.0, help="EMA smoothing weight for curves, in [0, 1)")
+    p.add_argument("--max-images", type=int, default=64, help="most images embedded per grid")
+    p.set_defaults(fn=cmd_report)
