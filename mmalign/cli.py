@@ -207,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score images, compare runs, benchmark vision-language models")
     esub = p.add_subparsers(dest="what", required=True)
     # Each evaluation module adds its verbs here with one register(...) call; keep their imports torch-free.
+    __import__("mmalign.evals.cli_images", fromlist=["register"]).register(esub)
     __import__("mmalign.evals.report", fromlist=["register"]).register(sub)  # top-level `mmalign report`
     __import__("mmalign.evals.cli_mllm", fromlist=["register"]).register(esub)
     __import__("mmalign.evals.cli_video", fromlist=["register"]).register(esub)

@@ -1,0 +1,186 @@
+"""`mmalign eval images` / `mmalign eval compare` on tiny sample folders scored by a tiny random open_clip."""
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmalign.cli import main
+from mmalign.datasets.records import DataError
+from mmalign.demo import save_samples
+from mmalign.evals.clip_backbone import build_clip, save_backbone
+from mmalign.evals.clip_scorers import SHIPPED_CLIP, AestheticHead, make_scorer
+from mmalign.evals.results import read_results
+from mmalign.evals.stats import paired_gain_ci, win_rate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY_CFG = {"embed_dim": 16,
+            "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+            "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a cyan square", "three red circles"]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_backbone(build_clip(TINY_CFG), TINY_CFG, tmp_path_factory.mktemp("clip") / "tiny")
+
+
+def random_images(n, seed):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def folder(path, prompts=PROMPTS, seeds=None, image_seed=0):
+    ims = random_images(len(prompts), image_seed)
+    save_samples(path, ims, prompts, seeds if seeds is not None else list(range(len(prompts))))
+    return path, ims
+
+
+def sample_rows(results_path, task):
+    return [json.loads(l) for l in open(results_path.with_name(f"{results_path.stem}_samples_{task}.jsonl"))]
+
+
+def test_eval_images_matches_the_python_api(clip_dir, tmp_path, capsys):
+    run, ims = folder(tmp_path / "run")
+    main(["eval", "images", str(run), "--scorer", "clipscore", "--model", str(clip_dir)])
+    out = run / "eval_clipscore.json"
+    res = read_results(out)
+    expected = make_scorer("clipscore", clip_dir).score(ims, PROMPTS)
+    rows = sample_rows(out, "images_clipscore")
+    assert [r["clipscore"] for r in rows] == pytest.approx(expected, abs=1e-5)
+    assert [(r["prompt"], r["seed"]) for r in rows] == list(zip(PROMPTS, range(5)))
+    assert res["tasks"]["images_clipscore"]["clipscore"] == pytest.approx(np.mean(expected), abs=1e-5)
+    doc = res["doc"]
+    sha = hashlib.sha256((clip_dir / "open_clip_model.safetensors").read_bytes()).hexdigest()
+    assert doc["mmalign"]["provenance"]["backbone"]["weights_sha256"] == sha
+    lo, hi = doc["mmalign"]["extra"]["images_clipscore"]["ci95"]
+    assert lo <= np.mean(expected) <= hi and doc["n-samples"]["images_clipscore"] == {"original": 5, "effective": 5}
+    assert "clipscore:" in capsys.readouterr().out
+    # the run's samples/ folder itself gives the same scores
+    main(["eval", "images", str(run / "samples"), "--scorer", "clipscore", "--model", str(clip_dir),
+          "--out", str(tmp_path / "again.json")])
+    assert [r["clipscore"] for r in sample_rows(tmp_path / "again.json", "images_clipscore")] == \
+        [r["clipscore"] for r in rows]
+
+
+def test_bad_rows_are_counted_skips_or_errors(clip_dir, tmp_path):
+    run, _ = folder(tmp_path / "run")
+    (run / "samples/00001.png").unlink()
+    (run / "samples/00003.png").write_bytes(b"not a png")
+    with open(run / "samples.jsonl", "a") as f:
+        f.write('{"file_name": "samples/00000.png", "seed": 9}\n{broken\n')
+    main(["eval", "images", str(run), "--model", str(clip_dir), "--out", str(tmp_path / "r.json")])
+    doc = read_results(tmp_path / "r.json")["doc"]
+    assert doc["n-samples"]["images_clipscore"] == {"original": 7, "effective": 3}
+    skipped = doc["mmalign"]["extra"]["images_clipscore"]["rows"]["skipped"]
+    assert skipped == {"image file not found": 1, "unreadable image": 1, "missing or non-string prompt": 1,
+                       "invalid JSON (Expecting property name enclosed in double quotes)": 1}
+    with pytest.raises(DataError, match=r"samples.jsonl:2: image file not found"):
+        main(["eval", "images", str(run), "--model", str(clip_dir), "--bad-rows", "error"])
+
+
+def test_compare_wtl_win_rate_and_diff(clip_dir, tmp_path, capsys):
+    a, a_ims = folder(tmp_path / "a", image_seed=1)
+    b, b_ims = folder(tmp_path / "b", image_seed=2)
+    main(["eval", "compare", str(a), str(b), "--scorer", "pickscore", "--model", str(clip_dir),
+          "--out", str(tmp_path / "cmp.json"), "--n-boot", "1000"])
+    scorer = make_scorer("pickscore", clip_dir)
+    sa, sb = scorer.score(a_ims, PROMPTS), scorer.score(b_ims, PROMPTS)
+    doc = read_results(tmp_path / "cmp.json")["doc"]
+    extra = doc["mmalign"]["extra"]["compare_pickscore"]
+    wins = sum(x > y for x, y in zip(sa, sb))
+    assert (extra["wins"], extra["ties"], extra["losses"]) == (wins, 0, 5 - wins)
+    wr = win_rate(sa, sb, 1000, 0)
+    assert doc["results"]["compare_pickscore"]["win_rate,none"] == pytest.approx(wins / 5)
+    assert extra["win_rate_ci95"] == pytest.approx(wr["ci95"])
+    diff, lo, hi = paired_gain_ci(sa, sb, 1000, 0)
+    assert doc["results"]["compare_pickscore"]["mean_diff,none"] == pytest.approx(diff, abs=1e-5)
+    assert extra["mean_diff_ci95"] == pytest.approx([lo, hi], abs=1e-5)
+    printed = capsys.readouterr().out
+    assert "W/T/L" in printed and "A - B" in printed
+
+
+def test_compare_identical_runs_tie_and_prompts_are_the_unit(clip_dir, tmp_path):
+    prompts = [p for p in PROMPTS[:3] for _ in range(2)]  # 3 prompts x 2 seeds
+    a, _ = folder(tmp_path / "a", prompts)
+    b, _ = folder(tmp_path / "b", prompts)
+    main(["eval", "compare", str(a), str(b), "--model", str(clip_dir), "--out", str(tmp_path / "c.json")])
+    doc = read_results(tmp_path / "c.json")["doc"]
+    extra = doc["mmalign"]["extra"]["compare_clipscore"]
+    assert (extra["wins"], extra["ties"], extra["losses"], extra["n_prompts"]) == (0, 3, 0, 3)
+    assert doc["results"]["compare_clipscore"]["win_rate,none"] == 0.5 and extra["win_rate_ci95"] == [0.5, 0.5]
+    assert len(sample_rows(tmp_path / "c.json", "compare_clipscore")) == 6
+
+
+def test_compare_skips_a_pair_whose_image_is_missing_in_either_run(clip_dir, tmp_path):
+    a, _ = folder(tmp_path / "a", image_seed=1)
+    b, _ = folder(tmp_path / "b", image_seed=2)
+    (a / "samples/00000.png").unlink()
+    (b / "samples/00004.png").unlink()
+    main(["eval", "compare", str(a), str(b), "--model", str(clip_dir), "--out", str(tmp_path / "c.json")])
+    doc = read_results(tmp_path / "c.json")["doc"]
+    assert doc["n-samples"]["compare_clipscore"] == {"original": 5, "effective": 3}
+    assert [r["seed"] for r in sample_rows(tmp_path / "c.json", "compare_clipscore")] == [1, 2, 3]
+    with pytest.raises(DataError, match="image file not found"):
+        main(["eval", "compare", str(a), str(b), "--model", str(clip_dir), "--bad-rows", "error"])
+
+
+def test_compare_refuses_other_prompts_or_seeds(clip_dir, tmp_path):
+    a, _ = folder(tmp_path / "a")
+    b, _ = folder(tmp_path / "b", seeds=[0, 1, 7, 3, 4])
+    with pytest.raises(ValueError, match=r"row 3 differs: .*'a green triangle' seed 2.*'a green triangle' seed 7"):
+        main(["eval", "compare", str(a), str(b), "--model", str(clip_dir)])
+    (b / "samples/00002.png").unlink()  # a row skipped for its image still has to match
+    with pytest.raises(ValueError, match="row 3 differs"):
+        main(["eval", "compare", str(a), str(b), "--model", str(clip_dir)])
+    c, _ = folder(tmp_path / "c", PROMPTS[:4])
+    with pytest.raises(ValueError, match="has 5 rows but .* has 4"):
+        main(["eval", "compare", str(a), str(c), "--model", str(clip_dir)])
+    with pytest.raises(SystemExit, match="at least 1000"):
+        main(["eval", "compare", str(a), str(a), "--model", str(clip_dir), "--n-boot", "200"])
+
+
+def test_aesthetic_and_hpsv2_through_the_cli(clip_dir, tmp_path):
+    run, ims = folder(tmp_path / "run")
+    torch.manual_seed(1)
+    torch.save(AestheticHead(16).state_dict(), tmp_path / "head.pth")
+    main(["eval", "images", str(run), "--scorer", "aesthetic", "--model", str(clip_dir), "--head",
+          str(tmp_path / "head.pth"), "--out", str(tmp_path / "aes.json")])
+    doc = read_results(tmp_path / "aes.json")["doc"]
+    assert doc["mmalign"]["provenance"]["head"]["weights_sha256"] == hashlib.sha256(
+        (tmp_path / "head.pth").read_bytes()).hexdigest()
+    (tmp_path / "cfg.json").write_text(json.dumps(TINY_CFG))
+    torch.save({"state_dict": build_clip(TINY_CFG).state_dict()}, tmp_path / "hps.pt")
+    main(["eval", "images", str(run), "--scorer", "hpsv2", "--model", str(tmp_path / "hps.pt"), "--arch",
+          str(tmp_path / "cfg.json"), "--out", str(tmp_path / "hps.json")])
+    cos = [r["hpsv2"] for r in sample_rows(tmp_path / "hps.json", "images_hpsv2")]
+    assert len(cos) == 5 and all(-1 <= c <= 1 for c in cos)
+    with pytest.raises(SystemExit, match="not found"):
+        main(["eval", "images", str(run), "--model", str(tmp_path / "missing_dir")])
+
+
+@pytest.mark.skipif(not (SHIPPED_CLIP / "open_clip_model.safetensors").is_file(), reason="shipped CLIP not built")
+def test_default_model_is_the_shipped_clip(tmp_path):
+    from mmalign.datasets.shapeworld import render_scene, sample_scenes
+
+    scenes = sample_scenes(5, 4, split="heldout")
+    save_samples(tmp_path / "run", [render_scene(s) for s in scenes], [s.caption for s in scenes], [0, 1, 2, 3])
+    main(["eval", "images", str(tmp_path / "run")])
+    doc = read_results(tmp_path / "run/eval_clipscore.json")["doc"]
+    assert doc["config"]["model"] == str(SHIPPED_CLIP) and doc["results"]["images_clipscore"]["clipscore,none"] > 0
+
+
+def test_module_imports_without_torch_and_verbs_have_help(capsys):
+    r = subprocess.run([sys.executable, "-c", "import sys, mmalign.evals.cli_images; print('torch' in sys.modules)"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "False", r.stderr
+    for verb in ("images", "compare"):
+        with pytest.raises(SystemExit):
+            main(["eval", verb, "--help"])
+        assert "--scorer" in capsys.readouterr().out
