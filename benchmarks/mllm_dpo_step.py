@@ -196,8 +196,8 @@ class Clock:
             if self.profiler:
                 self.profiler.disable()
 
-    def count(self, attention_mask):
-        self.tokens.append(int(attention_mask.sum()))
+    def count(self, tokens: int):
+        self.tokens.append(int(tokens))
 
     def result(self) -> dict:
         if self.end is None:
@@ -220,6 +220,15 @@ class Clock:
 
 
 # ---- the two sides ----
+
+def pair_tokens(batch: dict) -> int:
+    """Tokens of the pairs as two rows [prompt][chosen] + [prompt][rejected], whatever the layout, so tokens/s
+    compares the same work across impls (packing sends the prompt once)."""
+    if "packed" in batch:
+        lengths = batch["packed"]["lengths"]
+        return int(2 * lengths[:, 0].sum() + lengths[:, 1:].sum())
+    return int(batch["pairs"]["attention_mask"].sum())
+
 
 def run_ours(a, cache: bool) -> dict:
     from mmalign.core.config import Experiment, TrainConfig
@@ -259,7 +268,7 @@ def run_ours(a, cache: bool) -> dict:
         def collate(self, rows):
             clock.tick(self.policy, getattr(self, "steps_done", 0))
             batch = super().collate(rows)
-            clock.count(batch["pairs"]["attention_mask"])
+            clock.count(pair_tokens(batch))
             return batch
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -321,7 +330,7 @@ def run_trl(a, gc: bool) -> dict:
         def timed(examples):
             clock.tick(trainer.model, trainer.state.global_step)
             batch = collator(examples)
-            clock.count(batch["attention_mask"])
+            clock.count(batch["attention_mask"].sum())
             return batch
 
         trainer.data_collator = timed

@@ -160,3 +160,27 @@ def test_truncation_never_cuts_into_image_features_of_any_family(model_dir):
     report = SkipReport()
     enc = Encoder(processor, model.config, cut_inside, "skip", report)
     assert enc.conversation(0, msgs, images, "c0") is None and sum(report.skipped.values()) == 1
+
+
+def test_packed_pairs_equal_two_rows_or_are_refused(model_dir):
+    """LLaVA-NeXT takes [prompt][chosen][rejected] rows (one image pass per pair) with the same answer log-probs;
+    models with per-token inputs or 3-D rotary positions are refused with the reason (they keep two rows)."""
+    from mmalign.mllm.packing import pair_packable, pair_token_logps, packing_unsupported
+
+    name, path = model_dir
+    model, processor = load_vlm(path)
+    pairs = _encode(processor, model.config)
+    why = packing_unsupported(model.config) or next(
+        (w for p in pairs if (w := pair_packable(p.chosen, p.rejected))), None)
+    if name != "llava_next":
+        assert why is not None
+        return
+    assert why is None
+    pad_id = processor.tokenizer.pad_token_id
+    packed = collate_pairs(pairs, pad_id, pack=True)["packed"]
+    assert packed["pixel_values"].shape[0] == 5  # each pair's images once (the last row has two)
+    with torch.no_grad():
+        lp_packed, m_packed = pair_token_logps(model, {"packed": packed})
+        lp_rows, m_rows = pair_token_logps(model, collate_pairs(pairs, pad_id))
+    assert torch.equal(m_packed.sum(-1), m_rows.sum(-1))
+    torch.testing.assert_close(lp_packed.sum(-1), lp_rows.sum(-1), atol=1e-5, rtol=0)

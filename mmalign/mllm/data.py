@@ -141,10 +141,16 @@ class ListDataset(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-def collate_pairs(rows: list[EncodedPair], pad_id: int, ref: dict[int, torch.Tensor] | None = None) -> dict:
-    """{"pairs": [chosen rows; rejected rows] batch, "margin": (B,), optional "cropped" batch and
-    "ref_logps": (2B,) or (3B,) with cropped) from the reference cache}."""
-    batch = {"pairs": pad_batch([r.chosen for r in rows] + [r.rejected for r in rows], pad_id),
+def collate_pairs(rows: list[EncodedPair], pad_id: int, ref: dict[int, torch.Tensor] | None = None,
+                  pack: bool = False) -> dict:
+    """{"pairs": [chosen rows; rejected rows] batch — or "packed": one [prompt][chosen][rejected] row per pair
+    (see packing.py) —, "margin": (B,), optional "cropped" batch and "ref_logps": (2B,) or (3B,) with cropped)
+    from the reference cache}."""
+    from .packing import pack_batch
+
+    pairs = (pack_batch([(r.chosen, r.rejected) for r in rows], pad_id) if pack
+             else pad_batch([r.chosen for r in rows] + [r.rejected for r in rows], pad_id))
+    batch = {"packed" if pack else "pairs": pairs,
              "margin": torch.tensor([r.margin for r in rows], dtype=torch.float32)}
     if rows[0].cropped is not None:
         batch["cropped"] = pad_batch([r.cropped for r in rows], pad_id)

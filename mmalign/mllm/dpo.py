@@ -18,7 +18,8 @@ from ..core.config import ConfigError
 from ..core.reference import make_reference
 from .data import Encoder, ListDataset, collate_pairs, finish_dataset
 from .encoding import pad_id_of
-from .logps import sequence_logps, token_logps
+from .logps import sequence_logps
+from .packing import pair_packable, pair_sequence_logps, pair_token_logps, packing_unsupported
 from .losses import dpo_loss, mdpo_loss, mmdpo_beta, sft_nll
 from .models import VLModelConfig, load_vlm, prepare_trainable, reference_kind, save_vlm
 from .refcache import cached_reference_logps
@@ -36,6 +37,7 @@ class VLPairDataConfig:
     max_length: int = 0  # 0 = no limit; longer rows lose trailing answer tokens, never prompt/image tokens
     ref_cache_dir: str = ".cache/mmalign/ref_logps"
     ref_batch_size: int = 8
+    pack_pairs: str = "auto"  # auto | on | off: one [prompt][chosen][rejected] row per pair (see packing.py)
 
 
 @dataclass
@@ -73,8 +75,11 @@ class MLLMDPO:
             raise ConfigError("objective.beta: must be > 0")
         if self.crops and not 0 < o.crop_min <= o.crop_max < 1:
             raise ConfigError("objective.crop_min/crop_max: need 0 < crop_min <= crop_max < 1")
+        if cfg.data.pack_pairs not in ("auto", "on", "off"):
+            raise ConfigError(f"data.pack_pairs: {cfg.data.pack_pairs!r} — one of auto, on, off")
         self.ref_kind = reference_kind(cfg.model)
         self.ref_logps = None
+        self.pack = False
 
     def build(self, device: torch.device) -> torch.nn.Module:
         m = self.cfg.model
@@ -101,8 +106,21 @@ class MLLMDPO:
                 if (r := enc.pair(i, rec, load_images(rec), crop)) is not None]
         dataset = finish_dataset(rows, report, self.output_dir, "pairs", d.path)
         self.pad_id = pad_id_of(self.processor)
+        self.pack = self._choose_packing(rows)
         self.ref_logps = self._reference_cache(rows) if self.ref_kind == "cache" else None
         return dataset
+
+    def _choose_packing(self, rows) -> bool:
+        """Pack pairs when the model and every row allow it (`auto`), insist (`on`) or never (`off`)."""
+        mode = self.cfg.data.pack_pairs
+        if mode == "off":
+            return False
+        why = packing_unsupported(self.model_config) or next(
+            (f"row {r.index}: {w}" for r in rows if (w := pair_packable(r.chosen, r.rejected))), None)
+        if why and mode == "on":
+            raise ConfigError(f"data.pack_pairs: on, but pairs cannot be packed: {why}")
+        self.packing_note = why or "packed: one [prompt][chosen][rejected] row per pair"
+        return why is None
 
     def _reference_cache(self, rows) -> dict[int, torch.Tensor]:
         from ..diffusion.cache import file_fingerprint, model_fingerprint
@@ -117,9 +135,9 @@ class MLLMDPO:
         policy = self.policy.to(self.device)
 
         def compute(batch_rows):
-            b = send_to_device(collate_pairs(batch_rows, self.pad_id), self.device)
+            b = send_to_device(collate_pairs(batch_rows, self.pad_id, pack=self.pack), self.device)
             with torch.no_grad():
-                parts = [sequence_logps(policy, b["pairs"])[0]]
+                parts = [pair_sequence_logps(policy, b)]
                 if "cropped" in b:
                     parts.append(sequence_logps(policy, b["cropped"])[0])
             return torch.cat(parts).view(-1, len(batch_rows)).T  # (n, 2 or 3): chosen, rejected(, cropped)
@@ -132,13 +150,13 @@ class MLLMDPO:
             policy.train(was_training)
 
     def collate(self, rows) -> dict:
-        return collate_pairs(rows, self.pad_id, self.ref_logps)
+        return collate_pairs(rows, self.pad_id, self.ref_logps, pack=self.pack)
 
     def _reference(self, batch: dict, n: int) -> torch.Tensor:
         """(2n,) or (3n,) reference log-probs: [chosen, rejected(, cropped)]."""
         if "ref_logps" in batch:
             return batch["ref_logps"]
-        parts = [self.ref(lambda model: sequence_logps(model, batch["pairs"])[0])]
+        parts = [self.ref(lambda model: pair_sequence_logps(model, batch))]
         if "cropped" in batch:
             parts.append(self.ref(lambda model: sequence_logps(model, batch["cropped"])[0]))
         return torch.cat(parts)
@@ -146,7 +164,7 @@ class MLLMDPO:
     def loss(self, policy, batch):
         o = self.cfg.objective
         n = batch["margin"].shape[0]
-        tok, mask = token_logps(policy, batch["pairs"])
+        tok, mask = pair_token_logps(policy, batch)
         logps, lengths = tok.sum(-1), mask.sum(-1)
         ref = self._reference(batch, n).to(logps.dtype)
         pc, pr, rc, rr = logps[:n], logps[n:], ref[:n], ref[n:2 * n]
