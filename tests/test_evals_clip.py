@@ -211,4 +211,4 @@ def test_shipped_clip_loads_offline_and_beats_chance():
         (SHIPPED_CLIP / "summary.json").read_text())["weights_sha256"]
     r = shapeworld_retrieval(scorer.backbone, n_sets=2, set_size=64)
     assert r["chance"] == 1 / 64
-    assert r["image_to_text"]["top1"] > 0.3 and r["text_to_image"]["top1"] > 0.3  # chance 0.016
+    assert r["image_to_text"]["top1"] > 0.6 and r["text_to_image"]["top1"] > 0.6  # chance 0.016; 0.92 at build
