@@ -193,5 +193,38 @@ def test_cli_eval_videos_scores_a_folder(tiny_clip, tmp_path, capsys):
     assert "3/4 rows kept" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"samples\.jsonl:4 \(.*missing\.gif: video file not found"):
         main(["eval", "videos", str(data), "--model", str(model_dir), "--bad-rows", "error"])
+    with pytest.raises(SystemExit, match="retrieval needs distinct captions"):
+        (data / "samples.jsonl").write_text("".join(json.dumps({**r, "prompt": "same"}) + "\n" for r in rows[:3]))
+        main(["eval", "videos", str(data), "--model", str(model_dir), "--retrieval"])
     with pytest.raises(SystemExit, match="model error"):
         main(["eval", "videos", str(data), "--model", str(tmp_path / "nowhere")])
+
+
+def test_shipped_shapeworld_clip_prefers_the_right_colour(tmp_path):
+    """The default `eval videos` backbone: CLIPSIM of each clip with its own caption beats the same caption with
+    another colour (measured on 48 clips: 0.665 vs 0.114 on average)."""
+    from mmalign.cli import main
+    from mmalign.datasets.shapeworld.scene import COLOURS
+    from mmalign.datasets.shapeworld.video import motion_caption, parse_motion_caption
+    from mmalign.evals.cli_video import DEFAULT_CLIP
+    from mmalign.evals.clip_backbone import load_backbone
+    from mmalign.video.data import write_gif
+
+    backbone = load_backbone(DEFAULT_CLIP)
+    cs = clips(6, seed=7, n_frames=8)
+    own = [c.caption for c in cs]
+    wrong = []
+    for c in own:
+        colour, shape, direction = parse_motion_caption(c)
+        wrong.append(motion_caption(next(k for k in COLOURS if k != colour), shape, direction))
+    right_scores = clipsim_scores([c.frames for c in cs], own, backbone.image_embeddings, backbone.text_embeddings)
+    wrong_scores = clipsim_scores([c.frames for c in cs], wrong, backbone.image_embeddings, backbone.text_embeddings)
+    assert (right_scores > wrong_scores).all()
+    for i, c in enumerate(cs):
+        write_gif(c.frames, tmp_path / f"{i}.gif")
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.gif", "prompt": p}) + "\n"
+                                                    for i, p in enumerate(own)))
+    main(["eval", "videos", str(tmp_path), "--n-boot", "50"])  # no --model: the shipped CLIP
+    doc = read_results(tmp_path / "results_videos.json")
+    assert doc["tasks"]["video_clipsim"]["clipsim"] == pytest.approx(right_scores.mean(), abs=1e-6)
+    assert doc["doc"]["mmalign"]["provenance"]["clip"]["weights"].endswith("open_clip_model.safetensors")

@@ -77,9 +77,12 @@ def cmd_eval_videos(a) -> None:
     motion = {"auto": None, "on": True, "off": False}[a.motion]
     provenance = {"clip": backbone.provenance, "data": report.to_dict(), "samples": str(Path(a.dir) / a.samples_file),
                   "n_frames": a.n_frames, "stride": a.stride}
-    path, tasks = evaluate_videos(clips, captions, out, backbone, subject_encoder=subject, motion=motion,
-                                  retrieval=a.retrieval, sinkhorn_temperature=a.sinkhorn_temperature,
-                                  model=str(a.dir), n_boot=a.n_boot, seed=a.seed, provenance=provenance)
+    try:
+        path, tasks = evaluate_videos(clips, captions, out, backbone, subject_encoder=subject, motion=motion,
+                                      retrieval=a.retrieval, sinkhorn_temperature=a.sinkhorn_temperature,
+                                      model=str(a.dir), n_boot=a.n_boot, seed=a.seed, provenance=provenance)
+    except ValueError as e:  # e.g. repeated captions with --retrieval, non-motion captions with --motion on
+        sys.exit(f"cannot score {a.dir}: {e}")
     for name, t in tasks.items():
         print(f"{name}: " + ", ".join(f"{k}={v:.4f}" for k, v in t.metrics.items()))
     print(f"results: {path}")
