@@ -25,9 +25,17 @@ def _mllm(name: str):
     return load
 
 
+def _video(name: str):
+    def load():
+        from .video.methods import VIDEO_METHODS
+        return VIDEO_METHODS[name]
+    return load
+
+
 MLLM_METHOD_NAMES = ("mllm_sft", "mllm_steerlm", "mllm_dpo", "mllm_mdpo")
+VIDEO_METHOD_NAMES = ("video_temporal", "video_dpo")
 METHODS = {"diffusion_sft": _diffusion_sft, **{n: _pair_method(n) for n in PAIR_METHOD_NAMES},
-           **{n: _mllm(n) for n in MLLM_METHOD_NAMES}}
+           **{n: _mllm(n) for n in MLLM_METHOD_NAMES}, **{n: _video(n) for n in VIDEO_METHOD_NAMES}}
 
 
 def method_class(name: str):

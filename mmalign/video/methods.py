@@ -1,0 +1,324 @@
+"""Video methods for the core trainer: temporal-layer training and Video Diffusion-DPO on an image SD pipeline
+inflated with motion modules (temporal.py).
+
+Both encode every clip once (the image VAE, frame by frame; posterior mean and std cached as (C, F, h, w)) and
+every caption once (the frozen text encoder). A step draws one t per video and noise of the video's shape.
+
+| method         | data                                   | loss                                                    |
+|----------------|----------------------------------------|---------------------------------------------------------|
+| video_temporal | (caption, clip)                        | sft_loss: err = mean over (C, F, H, W) of (pred - eps)^2 |
+| video_dpo      | (caption, preferred clip, rejected)    | diffusion_dpo_loss on per-video errors over (C, F, H, W),|
+|                |                                        | ONE t and noise per pair shared by both videos           |
+
+The Video-DPO reference is the model before DPO: a frozen copy of the trainable parts (`SharedFrozenCopy`: the
+frozen image weights are shared, not duplicated) or, when the video model trains through LoRA, the policy with
+its adapters off.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.config import ConfigError
+from ..core.reference import AdaptersOff, unwrap
+from ..datasets.records import SkipReport, read_caption_folder, reject
+from ..diffusion.losses import diffusion_dpo_loss, per_sample_mse, sft_loss
+from ..diffusion.pipeline import diffusion_target, encode_prompts, load_sd_components, preprocess
+from .temporal import MotionSpec, add_alpha_blend, add_lora, from_frame_batch, inflate, repeat_per_frame, set_trainable
+
+
+@dataclass
+class VideoModelConfig:
+    pretrained: str  # SD1.5-format image pipeline (directory or hub id); its weights stay frozen
+    motion_adapter: str = ""  # MotionAdapter directory or hub id; "" = fresh, sized to the UNet, outputs zeroed
+    motion_heads: int = 8  # fresh adapter: heads per motion module
+    motion_layers: int = 1  # fresh adapter: temporal transformer layers per motion module
+    max_frames: int = 32  # fresh adapter: frame-position table length
+    blend: str = "none"  # none | alpha (Video-LDM: alpha*z_spatial + (1-alpha)*z_temporal, alpha learned)
+    alpha_init: float = 0.5
+    train_motion: bool = True  # the motion modules' own weights train (false: only LoRA / alpha)
+    lora_rank: int = 0  # 0: no LoRA
+    lora_where: str = "spatial"  # spatial | temporal | both (attention projections)
+    reference: str = "frozen_copy"  # video_dpo: frozen_copy | adapters_off (training through LoRA only)
+
+
+@dataclass
+class VideoDataConfig:
+    path: str = ""  # video_temporal: metadata.jsonl folder (file_name: clip, text); video_dpo: read_video_pairs
+    shapeworld_clips: int = 0  # video_temporal without `path`: this many ShapeWorld clips (sample_clip)
+    seed: int = 0  # ShapeWorld clips' seed
+    num_frames: int = 8
+    resolution: int = 0  # 0: the model's native resolution
+    caption_dropout: float = 0.0  # per video (per pair for DPO: both videos together)
+    ties: str = "drop"
+    bad_rows: str = "skip"
+    encode_batch: int = 64  # frames per VAE call
+
+
+@dataclass
+class VideoObjectiveConfig:
+    beta: float = 5000.0  # Diffusion-DPO, SDXL/Salesforce convention (the 1/2 inside)
+
+
+@dataclass
+class VideoConfig:
+    model: VideoModelConfig
+    data: VideoDataConfig = field(default_factory=VideoDataConfig)
+    objective: VideoObjectiveConfig = field(default_factory=VideoObjectiveConfig)
+
+
+class VideoDenoiser(nn.Module):
+    """The policy: video latents (B, C, F, h, w), one timestep per video (B,), captions (B, L, D)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, t, repeat_per_frame(ctx.to(x_t), x_t.shape[2])).sample
+
+    def disable_adapters(self):
+        self.unet.disable_adapters()
+
+    def enable_adapters(self):
+        self.unet.enable_adapters()
+
+
+class SharedFrozenCopy:
+    """Reference = the policy as built: a deep copy of its trainable parameters, sharing every frozen one
+    (the image UNet) with the policy instead of duplicating it."""
+
+    def __init__(self, policy: nn.Module):
+        memo = {id(p): p for p in policy.parameters() if not p.requires_grad}
+        self.model = copy.deepcopy(policy, memo).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.policy = policy
+
+    def __call__(self, fn):
+        device = next(unwrap(self.policy).parameters()).device
+        if next(self.model.parameters()).device != device:
+            self.model.to(device)
+        with torch.no_grad():
+            return fn(self.model)
+
+
+class TensorRows(torch.utils.data.Dataset):
+    def __init__(self, **columns: torch.Tensor):
+        self.columns = columns
+
+    def __len__(self):
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.columns.items()}
+
+
+def frames_tensor(frames, resolution: int) -> torch.Tensor:
+    """A clip (uint8 (F, H, W, 3) array or list of PIL frames) -> (F, 3, R, R) in [-1, 1] (resized and
+    centre-cropped per frame when not already R x R)."""
+    from PIL import Image
+
+    arr = np.stack([np.asarray(f.convert("RGB")) if isinstance(f, Image.Image) else np.asarray(f) for f in frames])
+    if arr.shape[1:3] != (resolution, resolution):
+        return torch.stack([preprocess(Image.fromarray(f), resolution)[0] for f in arr])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+@torch.no_grad()
+def encode_clips(vae, clips: list, resolution: int, device, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior (mean, std) of each clip, frame by frame: two (N, C, F, h, w) tensors on the CPU."""
+    x = torch.stack([frames_tensor(c, resolution) for c in clips])  # (N, F, 3, R, R)
+    n, f = x.shape[:2]
+    flat = x.flatten(0, 1)
+    means, stds = [], []
+    for i in range(0, len(flat), batch):
+        post = vae.encode(flat[i:i + batch].to(device)).latent_dist
+        means.append(post.mean.cpu())
+        stds.append(post.std.cpu())
+    return from_frame_batch(torch.cat(means), f).contiguous(), from_frame_batch(torch.cat(stds), f).contiguous()
+
+
+class VideoMethod:
+    """Shared machinery; a subclass defines `_rows()` and `loss(policy, batch)`."""
+
+    config_class = VideoConfig
+    needs_reference = False
+
+    def __init__(self, cfg: VideoConfig, output_dir: str, data: list | None = None):
+        self.cfg, self.output_dir, self.data = cfg, output_dir, data
+        m = cfg.model
+        if m.blend not in ("none", "alpha"):
+            raise ConfigError(f"model.blend: {m.blend!r} (use none or alpha)")
+        if m.lora_where not in ("spatial", "temporal", "both"):
+            raise ConfigError(f"model.lora_where: {m.lora_where!r} (use spatial, temporal or both)")
+        if m.reference not in ("frozen_copy", "adapters_off"):
+            raise ConfigError(f"model.reference: {m.reference!r} (use frozen_copy or adapters_off)")
+        if m.reference == "adapters_off" and self.needs_reference and (m.lora_rank == 0 or m.train_motion
+                                                                       or m.blend != "none"):
+            raise ConfigError("model.reference: adapters_off needs everything that trains to be LoRA "
+                              "(model.lora_rank > 0, model.train_motion: false, model.blend: none)")
+        if not (m.train_motion or m.lora_rank or m.blend != "none"):
+            raise ConfigError("nothing would train: set model.train_motion, model.lora_rank or model.blend")
+
+    def build(self, device: torch.device) -> nn.Module:
+        from diffusers import MotionAdapter
+
+        m = self.cfg.model
+        self.device = device
+        self.parts = p = load_sd_components(m.pretrained)
+        for enc in (p.vae, p.text_encoder):
+            enc.to(device).requires_grad_(False).eval()
+        adapter = MotionAdapter.from_pretrained(m.motion_adapter) if m.motion_adapter else None
+        unet = inflate(p.unet, adapter, MotionSpec(m.motion_heads, m.motion_layers, m.max_frames))
+        if m.blend == "alpha":
+            add_alpha_blend(unet, m.alpha_init, learned=True)
+        if m.lora_rank:
+            add_lora(unet, m.lora_rank, where=m.lora_where)
+        self.trainable = set_trainable(unet, motion=m.train_motion)
+        policy = VideoDenoiser(unet)
+        if self.needs_reference:
+            self.ref = AdaptersOff(policy) if m.reference == "adapters_off" else SharedFrozenCopy(policy)
+        return policy
+
+    def _report(self, report: SkipReport) -> None:
+        Path(self.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.output_dir) / "data_report.json").write_text(json.dumps(report.to_dict(), indent=1))
+        if report.kept == 0:
+            raise ValueError(f"{self.cfg.data.path or 'in-memory data'}: no usable rows ({report.summary()})")
+
+    def _text(self, captions: list[str]) -> torch.Tensor:
+        self.empty = encode_prompts(self.parts, [""], self.device)["ctx"][0]
+        return encode_prompts(self.parts, captions, self.device)["ctx"]
+
+    @property
+    def resolution(self) -> int:
+        return self.cfg.data.resolution or self.parts.resolution
+
+    def collate(self, rows: list[dict]) -> dict:
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def latents(self, batch: dict, side: str = "") -> torch.Tensor:
+        """A fresh posterior sample, scaled: (B, C, F, h, w)."""
+        mean, std = batch[f"mean{side}"], batch[f"std{side}"]
+        return (mean + std * torch.randn_like(std)) * self.parts.vae.config.scaling_factor
+
+    def captions(self, batch: dict) -> torch.Tensor:
+        ctx, p = batch["ctx"], self.cfg.data.caption_dropout
+        if p > 0:
+            drop = torch.rand(len(ctx), device=ctx.device) < p
+            ctx = torch.where(drop.view(-1, 1, 1), self.empty.to(ctx), ctx)
+        return ctx
+
+    def sample_t(self, n: int, device) -> torch.Tensor:
+        return torch.randint(0, self.parts.noise_scheduler.config.num_train_timesteps, (n,), device=device)
+
+    def save_pretrained(self, policy: nn.Module, out_dir: str) -> None:
+        """`out_dir/motion_adapter` (MotionAdapter) and `out_dir/pipeline` (AnimateDiffPipeline directory)."""
+        from .sampling import save_video_model
+
+        save_video_model(self.cfg.model.pretrained, policy.unet, out_dir)
+
+
+def shapeworld_clips(n: int, seed: int, num_frames: int, size: int) -> list[tuple[str, list]]:
+    """n (caption, frames) ShapeWorld motion clips, deterministic given seed."""
+    from ..datasets.shapeworld.video import sample_clip
+
+    rng = random.Random(seed)
+    return [(c.caption, c.frames) for c in (sample_clip(rng, num_frames, size) for _ in range(n))]
+
+
+def read_clip_folder(path: str, num_frames: int, bad_rows: str) -> tuple[list[tuple[str, np.ndarray]], SkipReport]:
+    """(caption, frames) of a metadata.jsonl folder (file_name: a video `read_video` takes, text); a clip that
+    cannot give `num_frames` frames is a counted skip (or a DataError under bad_rows='error')."""
+    from .data import VideoError, read_video
+
+    rows, report = read_caption_folder(path, bad_rows)
+    clips = []
+    for r in rows:
+        try:
+            clips.append((r.caption, read_video(r.image_path, num_frames, as_array=True)))
+        except VideoError as e:
+            reject(report, bad_rows, e.reason, f"{r.image_path} ({e})")
+    report.kept = len(clips)
+    return clips, report
+
+
+class VideoTemporalTraining(VideoMethod):
+    """Denoising loss on video latents; only the temporal parameters (motion modules, alpha, LoRA) train.
+    In-memory data: `data=[(caption, frames), ...]`."""
+
+    def dataset(self) -> TensorRows:
+        d = self.cfg.data
+        if self.data is not None:
+            clips, report = list(self.data), SkipReport(total=len(self.data), kept=len(self.data))
+        elif d.path:
+            clips, report = read_clip_folder(d.path, d.num_frames, d.bad_rows)
+        elif d.shapeworld_clips:
+            clips = shapeworld_clips(d.shapeworld_clips, d.seed, d.num_frames, self.resolution)
+            report = SkipReport(total=len(clips), kept=len(clips))
+        else:
+            raise ConfigError("data: set data.path or data.shapeworld_clips")
+        self._report(report)
+        mean, std = encode_clips(self.parts.vae, [f for _, f in clips], self.resolution, self.device, d.encode_batch)
+        return TensorRows(mean=mean, std=std, ctx=self._text([c for c, _ in clips]))
+
+    def loss(self, policy, batch):
+        x0 = self.latents(batch)
+        noise = torch.randn_like(x0)
+        t = self.sample_t(len(x0), x0.device)
+        sched = self.parts.noise_scheduler
+        pred = policy(sched.add_noise(x0, noise, t), t, self.captions(batch))
+        return sft_loss(per_sample_mse(pred, diffusion_target(sched, x0, noise, t)))
+
+
+def video_dpo_errors(policy_fn, ref_fn, scheduler, lat_w: torch.Tensor, lat_l: torch.Tensor, ctx: torch.Tensor,
+                     t: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-video errors (policy, reference), each [2B] = [winners; losers], at the pair's shared t (B,) and noise
+    (B, C, F, h, w): err = mean over (C, F, H, W) of (pred - target)^2. One policy call over both halves."""
+    x0 = torch.cat([lat_w, lat_l])
+    eps, tt, cc = noise.repeat(2, 1, 1, 1, 1), t.repeat(2), ctx.repeat(2, 1, 1)
+    x_t = scheduler.add_noise(x0, eps, tt)
+    target = diffusion_target(scheduler, x0, eps, tt)
+    return per_sample_mse(policy_fn(x_t, tt, cc), target), per_sample_mse(ref_fn(x_t, tt, cc), target)
+
+
+class VideoDiffusionDPO(VideoMethod):
+    """Video Diffusion-DPO. Data: `data.path` read by `mmalign.video.data.read_video_pairs`, or in memory
+    `data=[(caption, frames_w, frames_l), ...]`."""
+
+    needs_reference = True
+
+    def dataset(self) -> TensorRows:
+        d = self.cfg.data
+        if self.data is not None:
+            pairs, report = list(self.data), SkipReport(total=len(self.data), kept=len(self.data))
+        elif d.path:
+            from .data import read_video_pairs
+
+            recs, report = read_video_pairs(d.path, d.num_frames, bad_rows=d.bad_rows, ties=d.ties)
+            pairs = [(r.caption, r.frames_w, r.frames_l) for r in recs]
+        else:
+            raise ConfigError("data.path: video_dpo needs pairs (or in-memory data)")
+        self._report(report)
+        enc = lambda k: encode_clips(self.parts.vae, [p[k] for p in pairs], self.resolution,  # noqa: E731
+                                     self.device, self.cfg.data.encode_batch)
+        (mw, sw), (ml, sl) = enc(1), enc(2)
+        return TensorRows(mean_w=mw, std_w=sw, mean_l=ml, std_l=sl, ctx=self._text([p[0] for p in pairs]))
+
+    def loss(self, policy, batch):
+        lat_w, lat_l = self.latents(batch, "_w"), self.latents(batch, "_l")
+        t = self.sample_t(len(lat_w), lat_w.device)
+        err, ref_err = video_dpo_errors(policy, lambda *a: self.ref(lambda m: m(*a)), self.parts.noise_scheduler,
+                                        lat_w, lat_l, self.captions(batch), t, torch.randn_like(lat_w))
+        return diffusion_dpo_loss(*err.chunk(2), *ref_err.chunk(2), beta=self.cfg.objective.beta)
+
+
+VIDEO_METHODS = {"video_temporal": VideoTemporalTraining, "video_dpo": VideoDiffusionDPO}

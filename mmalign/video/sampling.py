@@ -1,0 +1,62 @@
+"""Video pipelines and seeded sampling: an image SD pipeline directory + a motion adapter (or a trained video
+UNet) -> diffusers' `AnimateDiffPipeline`; clips drawn so that clip i depends only on (prompt_i, seed_i)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AnimateDiffPipeline, MotionAdapter, StableDiffusionPipeline, UNetMotionModel
+from PIL import Image
+
+from .temporal import exportable, extract_adapter
+
+
+def video_pipeline(image_pipeline: str | Path | StableDiffusionPipeline,
+                   motion: MotionAdapter | UNetMotionModel | str | Path) -> AnimateDiffPipeline:
+    """An AnimateDiffPipeline from an SD1.5-format image pipeline (directory or loaded) and either a
+    MotionAdapter (object or directory: the pipeline inflates the image UNet with it) or a video UNet built by
+    `temporal.inflate` (used as is, after folding blends and merging LoRA)."""
+    img = (image_pipeline if isinstance(image_pipeline, StableDiffusionPipeline)
+           else StableDiffusionPipeline.from_pretrained(image_pipeline, safety_checker=None,
+                                                        requires_safety_checker=False))
+    if isinstance(motion, (str, Path)):
+        motion = MotionAdapter.from_pretrained(motion)
+    if isinstance(motion, MotionAdapter):
+        unet, adapter = img.unet, motion
+    elif isinstance(motion, UNetMotionModel):
+        unet, adapter = exportable(motion), None
+    else:
+        raise TypeError(f"motion must be a MotionAdapter, a UNetMotionModel or a directory, got {type(motion).__name__}")
+    pipe = AnimateDiffPipeline(vae=img.vae, text_encoder=img.text_encoder, tokenizer=img.tokenizer, unet=unet,
+                               motion_adapter=adapter, scheduler=img.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_video_model(image_pipeline: str | Path, video_unet: UNetMotionModel, out_dir: str | Path) -> dict:
+    """Write `out_dir/motion_adapter` (MotionAdapter.from_pretrained) and `out_dir/pipeline` (a full
+    AnimateDiffPipeline directory: AnimateDiffPipeline.from_pretrained). Returns the two paths."""
+    out = Path(out_dir)
+    extract_adapter(video_unet).save_pretrained(out / "motion_adapter")
+    pipe = video_pipeline(image_pipeline, video_unet)  # motion_adapter None: the UNet holds the motion modules
+    pipe.save_pretrained(out / "pipeline")
+    return {"motion_adapter": str(out / "motion_adapter"), "pipeline": str(out / "pipeline")}
+
+
+@torch.no_grad()
+def sample_videos(pipe: AnimateDiffPipeline, prompts: list[str], seeds: list[int], num_frames: int = 8,
+                  steps: int = 25, guidance: float = 4.0, batch_size: int = 16, decode_chunk: int = 64,
+                  resolution: int | None = None) -> list[list[Image.Image]]:
+    """One clip (a list of `num_frames` PIL frames) per (prompt, seed); the VAE decodes `decode_chunk` frames
+    at a time."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    res = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    clips: list[list[Image.Image]] = []
+    for i in range(0, len(prompts), batch_size):
+        gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
+        out = pipe(prompts[i:i + batch_size], num_frames=num_frames, num_inference_steps=steps,
+                   guidance_scale=guidance, height=res, width=res, generator=gens, output_type="pil",
+                   decode_chunk_size=decode_chunk)
+        clips.extend(list(frames) for frames in out.frames)
+    return clips
