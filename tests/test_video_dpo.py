@@ -169,3 +169,19 @@ def test_registry_and_recipes():
                        ("configs/sd15_animatediff_dpo.yaml", "video_dpo")):
         exp = load_experiment(path, method_config=VideoConfig)
         assert exp.method == name and isinstance(exp.args, VideoConfig)
+
+
+def test_encode_clips_caches_each_frame_in_video_layout_and_checks_frame_counts(tiny_sd_dir):
+    from diffusers import AutoencoderKL
+
+    from mmalign.video.methods import encode_clips, frames_tensor
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd_dir, subfolder="vae").eval()
+    two = [c.frames for c in clips(2)]
+    mean, std = encode_clips(vae, two, 32, "cpu", batch=3)  # chunks that do not align with clips
+    assert mean.shape == std.shape == (2, 4, F, 16, 16)
+    with torch.no_grad():
+        one = vae.encode(frames_tensor(two[1], 32)[2:3]).latent_dist  # frame 2 of clip 1, alone
+    assert torch.allclose(mean[1, :, 2], one.mean[0], atol=1e-5) and torch.allclose(std[1, :, 2], one.std[0], atol=1e-5)
+    with pytest.raises(ValueError, match="clip 1 has 3 frames, expected 4"):
+        encode_clips(vae, [two[0], two[1][:3]], 32, "cpu", num_frames=F)

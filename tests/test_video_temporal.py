@@ -67,6 +67,9 @@ def test_zeroed_motion_outputs_equal_the_image_model_frame_by_frame(unet, inputs
     assert (video(model, *inputs) - ref).abs().max() > 1e-3
     assert zero_motion_outputs(model) == 7  # 2 down + 1 mid + 2 x 2 up
     assert torch.allclose(video(model, *inputs), ref, atol=1e-5)
+    x, t, ctx = inputs
+    with pytest.raises(RuntimeError):  # diffusers 0.42.1 wants the text already repeated per frame: (B*F, L, D)
+        model(x, t, ctx)
 
 
 def test_only_temporal_parameters_receive_gradients(unet, inputs):

@@ -133,21 +133,35 @@ def frames_tensor(frames, resolution: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_clips(vae, clips: list, resolution: int, device, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE posterior (mean, std) of each clip, frame by frame: two (N, C, F, h, w) tensors on the CPU."""
-    x = torch.stack([frames_tensor(c, resolution) for c in clips])  # (N, F, 3, R, R)
-    n, f = x.shape[:2]
-    flat = x.flatten(0, 1)
-    means, stds = [], []
-    for i in range(0, len(flat), batch):
-        post = vae.encode(flat[i:i + batch].to(device)).latent_dist
-        means.append(post.mean.cpu())
-        stds.append(post.std.cpu())
-    return from_frame_batch(torch.cat(means), f).contiguous(), from_frame_batch(torch.cat(stds), f).contiguous()
+def encode_clips(vae, clips: list, resolution: int, device, batch: int = 64,
+                 num_frames: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior (mean, std) of each clip, frame by frame: two (N, C, F, h, w) tensors on the CPU. Frames are
+    converted a few clips at a time (about `batch` frames per VAE call), never the whole dataset at once. Every
+    clip must have `num_frames` frames (default: as many as the first)."""
+    means, stds, pending = [], [], []
+
+    def flush():
+        x = torch.stack(pending)  # (n, F, 3, R, R)
+        post = vae.encode(x.flatten(0, 1).to(device)).latent_dist
+        means.append(from_frame_batch(post.mean.cpu(), x.shape[1]))
+        stds.append(from_frame_batch(post.std.cpu(), x.shape[1]))
+        pending.clear()
+
+    for i, clip in enumerate(clips):
+        num_frames = num_frames or len(clip)
+        if len(clip) != num_frames:
+            raise ValueError(f"clip {i} has {len(clip)} frames, expected {num_frames}")
+        pending.append(frames_tensor(clip, resolution))
+        if len(pending) * len(pending[0]) >= batch:
+            flush()
+    if pending:
+        flush()
+    return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
 
 
 class VideoMethod:
-    """Shared machinery; a subclass defines `_rows()` and `loss(policy, batch)`."""
+    """Shared machinery (models, what trains, reference, caches, export); a subclass defines `dataset()` and
+    `loss(policy, batch)`. `data`: in-memory rows instead of `cfg.data` (see the subclasses)."""
 
     config_class = VideoConfig
     needs_reference = False
@@ -267,7 +281,8 @@ class VideoTemporalTraining(VideoMethod):
         else:
             raise ConfigError("data: set data.path or data.shapeworld_clips")
         self._report(report)
-        mean, std = encode_clips(self.parts.vae, [f for _, f in clips], self.resolution, self.device, d.encode_batch)
+        mean, std = encode_clips(self.parts.vae, [f for _, f in clips], self.resolution, self.device, d.encode_batch,
+                                 d.num_frames)
         return TensorRows(mean=mean, std=std, ctx=self._text([c for c, _ in clips]))
 
     def loss(self, policy, batch):
@@ -309,7 +324,7 @@ class VideoDiffusionDPO(VideoMethod):
             raise ConfigError("data.path: video_dpo needs pairs (or in-memory data)")
         self._report(report)
         enc = lambda k: encode_clips(self.parts.vae, [p[k] for p in pairs], self.resolution,  # noqa: E731
-                                     self.device, self.cfg.data.encode_batch)
+                                     self.device, d.encode_batch, d.num_frames)
         (mw, sw), (ml, sl) = enc(1), enc(2)
         return TensorRows(mean_w=mw, std_w=sw, mean_l=ml, std_l=sl, ctx=self._text([p[0] for p in pairs]))
 
