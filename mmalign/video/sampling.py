@@ -26,7 +26,8 @@ def video_pipeline(image_pipeline: str | Path | StableDiffusionPipeline,
     elif isinstance(motion, UNetMotionModel):
         unet, adapter = exportable(motion), None
     else:
-        raise TypeError(f"motion must be a MotionAdapter, a UNetMotionModel or a directory, got {type(motion).__name__}")
+        raise TypeError(f"motion must be a MotionAdapter, a UNetMotionModel or a directory, "
+                        f"got {type(motion).__name__}")
     pipe = AnimateDiffPipeline(vae=img.vae, text_encoder=img.text_encoder, tokenizer=img.tokenizer, unet=unet,
                                motion_adapter=adapter, scheduler=img.scheduler)
     pipe.set_progress_bar_config(disable=True)
