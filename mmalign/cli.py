@@ -87,11 +87,12 @@ def cmd_data_best_of_n(a) -> None:
 
 def cmd_demo(a) -> None:
     from .demo import DEMO_RECIPES, DemoSettings, comparison_table, format_results, run_demo
+    from .demo_evals import diffusion_evals, mllm_evals, write_demo_report
 
     parts = [p for p in a.parts.split(",") if p]
-    unknown = sorted(set(parts) - {"diffusion", "mllm"})
+    unknown = sorted(set(parts) - {"diffusion", "mllm", "video"})
     if unknown or not parts:
-        sys.exit(f"--parts: unknown part(s) {unknown}; use diffusion, mllm or both (comma-separated)")
+        sys.exit(f"--parts: unknown part(s) {unknown}; use diffusion, mllm, video (comma-separated)")
     if "mllm" in parts:  # refuse a bad MLLM model before the long diffusion part
         from .mllm.demo import MLLMDemoSettings, format_mllm_results, run_mllm_demo
         if not Path(a.mllm_model).is_dir():
@@ -105,11 +106,22 @@ def cmd_demo(a) -> None:
         if len(methods) > 1:
             print(comparison_table(results))
         print(f"results: {Path(a.out) / 'results.json'}  grid: {Path(a.out) / 'grid.png'}")
+        if methods and not a.no_evals:
+            diffusion_evals(Path(a.out), methods)
     if "mllm" in parts:
         mllm = run_mllm_demo(Path(a.out) / "mllm", model=a.mllm_model,
                              settings=MLLMDemoSettings(train_steps=a.mllm_train_steps))
         print(format_mllm_results(mllm))
         print(f"results: {Path(a.out) / 'mllm' / 'results.json'}")
+        if not a.no_evals:
+            for path in mllm_evals(Path(a.out) / "mllm"):
+                print(f"MM-Vet-style results (rule judge): {path}")
+    if "video" in parts:  # not in the default: it does not fit the demo's 10-minute budget on 2 CPU cores
+        from .video.demo import format_video_results, run_video_demo
+        video = run_video_demo(Path(a.out))
+        print(format_video_results(video))
+    if not a.no_evals:
+        print(f"report: {write_demo_report(Path(a.out))}")
 
 
 SCORER_NAMES = ("exact_match", "shapeworld_vqa")  # mmalign.mllm.rejection.SCORERS, without importing torch
@@ -199,18 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair-prompts", type=int, default=256)
     p.add_argument("--per-prompt", type=int, default=4)
     p.add_argument("--train-steps", type=int, default=150)
-    p.add_argument("--parts", default="diffusion,mllm", help="which halves to run: diffusion, mllm or both")
+    p.add_argument("--parts", default="diffusion,mllm",
+                   help="which parts to run, comma-separated: diffusion, mllm, video (video is opt-in: it adds "
+                        "about 15 minutes on 2 CPU cores)")
     p.add_argument("--mllm-model", default=str(ASSETS / "shapeworld_llava"))
     p.add_argument("--mllm-train-steps", type=int, default=300)
+    p.add_argument("--no-evals", action="store_true",
+                   help="skip the evaluator pass (CLIPScore comparisons, MM-Vet-style results) and report.html")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("eval", help="score images, compare runs, benchmark vision-language models")
     esub = p.add_subparsers(dest="what", required=True)
     # Each evaluation module adds its verbs here with one register(...) call; keep their imports torch-free.
+    __import__("mmalign.evals.cli_video", fromlist=["register"]).register(esub)
     __import__("mmalign.evals.cli_images", fromlist=["register"]).register(esub)
     __import__("mmalign.evals.report", fromlist=["register"]).register(sub)  # top-level `mmalign report`
     __import__("mmalign.evals.cli_mllm", fromlist=["register"]).register(esub)
-    __import__("mmalign.evals.cli_video", fromlist=["register"]).register(esub)
     # (verbs under `mmalign data` and top-level verbs such as `report` register the same way, below.)
     return ap
 

@@ -70,6 +70,14 @@ def test_demo_aligns_and_compares_at_small_scale(tmp_path, capsys):
     assert "| diffusion_cca |" in printed and "win rate vs base" in printed
     pairs = [json.loads(l) for l in open(tmp_path / "demo/pairs/metadata.jsonl")]
     assert all(p["score_0"] > p["score_1"] and p["label_0"] == 1 for p in pairs)
+    # the evaluator pass: CLIPScore comparisons (shipped ShapeWorld CLIP) per method, and the HTML report
+    for name in ("diffusion_dpo", "diffusion_cca"):
+        doc = json.loads((tmp_path / f"demo/evals/clipscore_{name}_vs_base.json").read_text())
+        extra = doc["mmalign"]["extra"]["compare_clipscore"]
+        assert doc["n-samples"]["compare_clipscore"]["effective"] == 6
+        assert extra["wins"] + extra["ties"] + extra["losses"] == extra["n_prompts"]
+    html = (tmp_path / "demo/report.html").read_text()
+    assert "compare_clipscore" in html and "diffusion_cca" in html and html.count("<img") >= 12
 
 
 def test_data_pairs_verb(tmp_path, tiny_sd_dir):
