@@ -11,6 +11,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 from PIL import Image
 
@@ -65,6 +66,23 @@ def reject(report: SkipReport, policy: str, reason: str, where: str) -> None:
     report.skip(reason, where)
 
 
+def jsonl_rows(path: str | Path, report: SkipReport, policy: str,
+               bad_json: str = "invalid JSON") -> Iterator[tuple[str, Any]]:
+    """(`path:line`, parsed value) of each non-blank line of a jsonl file that parses. Every non-blank line is
+    counted in `report.total`; one that does not parse is rejected as `"{bad_json} ({message})"`."""
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        report.total += 1
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            reject(report, policy, f"{bad_json} ({e.msg})", where)
+            continue
+        yield where, obj
+
+
 def read_caption_folder(folder: str | Path, policy: str = "skip") -> tuple[list[CaptionRecord], SkipReport]:
     """Rows of `folder/metadata.jsonl` whose image file exists and whose caption is a string."""
     _check_policy(policy)
@@ -73,16 +91,7 @@ def read_caption_folder(folder: str | Path, policy: str = "skip") -> tuple[list[
     if not meta.is_file():
         raise DataError(f"{folder}: no metadata.jsonl (expected one JSON object per line with file_name, text)")
     report, rows = SkipReport(), []
-    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        report.total += 1
-        where = f"{meta}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            reject(report, policy, f"invalid JSON ({e.msg})", where)
-            continue
+    for where, obj in jsonl_rows(meta, report, policy):
         if not isinstance(obj, dict) or not isinstance(obj.get("file_name"), str):
             reject(report, policy, "missing file_name", where)
             continue

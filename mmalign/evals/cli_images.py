@@ -6,7 +6,6 @@ only inside the commands.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -28,22 +27,13 @@ def parse_rows(folder: str | Path, bad_rows: str):
     """(root, entries, report): one entry per non-blank line, the row dict (with its image path, None when the
     file is missing) or None when the row itself is bad; bad rows are counted under "skip", a DataError under
     "error"."""
-    from ..datasets.records import SkipReport, reject
+    from ..datasets.records import SkipReport, jsonl_rows, reject
 
     root = samples_root(folder)
     report, entries = SkipReport(), []
-    lines = (root / "samples.jsonl").read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        report.total += 1
-        where = f"{root / 'samples.jsonl'}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            row, why = None, f"invalid JSON ({e.msg})"
-        else:
-            why = _row_problem(row)
+    for where, row in jsonl_rows(root / "samples.jsonl", report, bad_rows):
+        entries += [None] * (report.total - 1 - len(entries))  # a None for each line before that was not JSON
+        why = _row_problem(row)
         if why is not None:
             reject(report, bad_rows, why, where)
             entries.append(None)
@@ -53,6 +43,7 @@ def parse_rows(folder: str | Path, bad_rows: str):
             reject(report, bad_rows, "image file not found", where)
             path = None
         entries.append({**row, "path": path, "where": where})
+    entries += [None] * (report.total - len(entries))  # trailing lines that were not JSON
     return root, entries, report
 
 

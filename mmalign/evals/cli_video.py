@@ -7,7 +7,6 @@ Nothing heavy is imported at module level: torch and open_clip load inside the c
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ def read_video_samples(folder, samples_file: str = "samples.jsonl", n_frames: in
                        bad_rows: str = "skip"):
     """(clips as uint8 arrays, captions, kept rows, SkipReport) of `folder/samples_file`, row by row under the
     bad-row policy (a bad row is a counted skip with its reason, or a DataError naming file:line)."""
-    from ..datasets.records import DataError, SkipReport, _check_policy, reject
+    from ..datasets.records import DataError, SkipReport, _check_policy, jsonl_rows, reject
     from ..video.data import VideoError, read_video
 
     _check_policy(bad_rows)
@@ -29,16 +28,7 @@ def read_video_samples(folder, samples_file: str = "samples.jsonl", n_frames: in
         raise DataError(f"{folder}: no {samples_file} (one JSON object per line with file_name and a caption as "
                         f"{' / '.join(CAPTION_KEYS)})")
     report, clips, captions, rows = SkipReport(), [], [], []
-    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        report.total += 1
-        where = f"{meta}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            reject(report, bad_rows, f"invalid JSON ({e.msg})", where)
-            continue
+    for where, row in jsonl_rows(meta, report, bad_rows):
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not row["file_name"]:
             reject(report, bad_rows, "missing file_name", where)
             continue

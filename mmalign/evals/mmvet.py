@@ -17,13 +17,12 @@ A grade that cannot be parsed after the tries is 0 and is counted in ``parse_fai
 """
 from __future__ import annotations
 
-import json
 import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..datasets.records import SkipReport, reject
+from ..datasets.records import SkipReport, jsonl_rows, reject
 from .judges import TEMPERATURE_STEP, TRIES, RuleJudge, grade_with_retries
 
 MMVET_CAPABILITIES = ("rec", "ocr", "know", "gen", "spat", "math")
@@ -85,16 +84,7 @@ def read_bench(path, bad_rows: str = "error") -> tuple[list[BenchItem], SkipRepo
     naming file:line (`bad_rows="error"`) or a counted skip with its reason (`"skip"`). Ids must be unique."""
     path = Path(path)
     report, items, seen = SkipReport(), [], set()
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        report.total += 1
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            _bad(report, bad_rows, f"not JSON ({e.msg})", where)
-            continue
+    for where, row in jsonl_rows(path, report, bad_rows, bad_json="not JSON"):
         item = _item(row, where, path.parent, report, bad_rows)
         if item is not None and item.id in seen:
             item = _bad(report, bad_rows, f"duplicate id {item.id!r}", where)

@@ -14,12 +14,11 @@ Scores: mean rating over (question, turn) items overall, per turn and per catego
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..datasets.records import SkipReport, reject
+from ..datasets.records import SkipReport, jsonl_rows, reject
 from .judges import TEMPERATURE_STEP, TRIES, grade_with_retries
 
 
@@ -35,16 +34,7 @@ def read_questions(path, bad_rows: str = "error") -> tuple[list[MTQuestion], Ski
     """Questions of an MT-Bench-style jsonl, checked row by row (DataError or counted skip)."""
     path = Path(path)
     report, out = SkipReport(), []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        report.total += 1
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            reject(report, bad_rows, f"not JSON ({e.msg})", where)
-            continue
+    for where, row in jsonl_rows(path, report, bad_rows, bad_json="not JSON"):
         turns, ref = row.get("turns"), row.get("reference")
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
             reject(report, bad_rows, "'turns' must be a non-empty list of non-empty strings", where)
