@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="diffusion_dpo",
                    help="comma-separated pair methods, 'all' (the comparison table) or 'none' (base only)")
     p.add_argument("--n", type=int, default=512, help="held-out prompts (one sample each)")
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=int, default=15, help="DDIM steps of the held-out samples")
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--pair-prompts", type=int, default=256)
     p.add_argument("--per-prompt", type=int, default=4)

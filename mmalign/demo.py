@@ -65,7 +65,7 @@ DEMO_RECIPES: dict[str, dict] = {
 @dataclass
 class DemoSettings:
     n: int = 512  # held-out prompts, one fixed seed each
-    steps: int = 25  # DDIM steps for evaluation samples
+    steps: int = 15  # DDIM steps for evaluation samples (as for the pair samples)
     guidance: float = 4.0
     methods: tuple[str, ...] = ("diffusion_dpo",)  # () = evaluate the base only
     pair_prompts: int = 256  # training-split prompts sampled for pairs
