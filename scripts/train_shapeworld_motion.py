@@ -6,7 +6,9 @@ sample held-out seeds and measure direction accuracy with the exact motion score
 
     python scripts/train_shapeworld_motion.py --out mmalign/assets/shapeworld_motion
 
-Writes the MotionAdapter (config.json + safetensors), train_log.jsonl and eval.json into --out.
+Writes the MotionAdapter (config.json + safetensors), train_log.jsonl and eval.json into --out. Options for the
+direction-following attempts (README): --init-adapter (continue an adapter), --lora-rank (spatial attention LoRA
+trained jointly, fused and written to --out/unet), --t-min (train on high-noise timesteps only).
 scripts/build_shapeworld_motion.sh holds the exact command that built the shipped adapter.
 """
 from __future__ import annotations
@@ -25,11 +27,24 @@ from mmalign.datasets.shapeworld.video import score_motion
 from mmalign.evals.stats import bootstrap_ci
 from mmalign.video.methods import VideoConfig, VideoDataConfig, VideoModelConfig, VideoTemporalTraining, \
     shapeworld_clips
-from mmalign.video.sampling import sample_videos, video_pipeline
+from mmalign.video.sampling import SPATIAL_UNET, sample_videos, spatial_unet_from_video, video_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "mmalign/assets/shapeworld_sd"
 EVAL_SEED = 90_000  # held-out clip seeds (training clips use --seed)
+
+
+class HighNoiseTraining(VideoTemporalTraining):
+    """video_temporal with t drawn from [t_min, T): the trajectory (hence the direction) is decided at high noise;
+    at low noise x_t already shows where the object is."""
+
+    def __init__(self, *args, t_min: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.t_min = t_min
+
+    def sample_t(self, n: int, device) -> torch.Tensor:
+        top = self.parts.noise_scheduler.config.num_train_timesteps
+        return torch.randint(self.t_min, top, (n,), device=device)
 
 
 def evaluate(adapter_dir: str, n: int, steps: int, guidance: float, seed: int = EVAL_SEED) -> dict:
@@ -55,6 +70,10 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--init-adapter", default="", help="start from this MotionAdapter directory (default: fresh)")
+    ap.add_argument("--lora-rank", type=int, default=0, help="LoRA on the spatial attention, trained jointly")
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--t-min", type=int, default=0, help="train on timesteps in [t-min, T) only")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-n", type=int, default=64)
     ap.add_argument("--eval-steps", type=int, default=10)
@@ -63,22 +82,26 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t0 = time.time()
-    cfg = VideoConfig(VideoModelConfig(pretrained=str(BASE), motion_heads=a.heads, max_frames=32),
+    cfg = VideoConfig(VideoModelConfig(pretrained=str(BASE), motion_heads=a.heads, max_frames=32,
+                                      motion_adapter=a.init_adapter, lora_rank=a.lora_rank, lora_where="spatial"),
                       VideoDataConfig(shapeworld_clips=a.clips, seed=a.seed, num_frames=8))
     exp = Experiment("video_temporal", a.work, TrainConfig(lr=a.lr, max_steps=a.steps, batch_size=a.batch,
-                                                            warmup_steps=20, log_every=10, seed=a.seed,
+                                                            warmup_steps=a.warmup, log_every=10, seed=a.seed,
                                                             resume="never"), cfg)
-    summary = train(exp, VideoTemporalTraining(cfg, a.work))
+    summary = train(exp, HighNoiseTraining(cfg, a.work, t_min=a.t_min))
     train_s = time.time() - t0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for f in ("config.json", "diffusion_pytorch_model.safetensors"):
         shutil.copy(Path(a.work) / "final/motion_adapter" / f, out / f)
+    if a.lora_rank:  # the spatial LoRA, fused: a plain image UNet shipped next to the adapter
+        spatial_unet_from_video(Path(a.work) / "final/pipeline/unet", BASE / "unet").save_pretrained(out / SPATIAL_UNET)
     shutil.copy(Path(a.work) / "metrics.jsonl", out / "train_log.jsonl")
     result = {"train": {"steps": a.steps, "batch": a.batch, "clips": a.clips, "lr": a.lr, "heads": a.heads,
+                        "init_adapter": a.init_adapter, "lora_rank": a.lora_rank, "warmup": a.warmup, "t_min": a.t_min,
                         "seed": a.seed, "threads": a.threads, "seconds": round(train_s, 1),
                         "final_metrics": summary["metrics"]},
-              "eval": evaluate(str(out), a.eval_n, a.eval_steps, a.eval_guidance)}
+              "eval": evaluate(str(out), a.eval_n, a.eval_steps, a.eval_guidance) if a.eval_n else {}}
     result["eval"]["seconds"] = round(time.time() - t0 - train_s, 1)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))

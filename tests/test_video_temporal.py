@@ -7,7 +7,8 @@ import pytest
 import torch
 from diffusers import AnimateDiffPipeline, MotionAdapter, UNet2DConditionModel
 
-from mmalign.video.sampling import sample_videos, save_video_model, video_pipeline
+from mmalign.video.sampling import (SPATIAL_UNET, sample_videos, save_video_model, spatial_unet_from_video,
+                                    video_pipeline)
 from mmalign.video.temporal import (MotionSpec, add_alpha_blend, add_lora, bcfhw_to_bfchw, bfchw_to_bcfhw,
                                     extract_adapter, fold_alpha_blend, from_frame_batch, inflate, motion_modules,
                                     repeat_per_frame, set_trainable, to_frame_batch, zero_motion_outputs)
@@ -155,12 +156,37 @@ def test_pipeline_directory_loads_in_animatediff_and_samples(unet, inputs, tiny_
     assert torch.allclose(video(from_adapter.unet, *inputs), video(model, *inputs), atol=1e-5)
 
 
+def test_spatial_lora_ships_as_a_fused_image_unet_next_to_the_adapter(unet, inputs, tiny_sd_dir, tmp_path):
+    model = inflate(unet, spec=MotionSpec(heads=4))
+    randomise_motion_outputs(model)
+    add_lora(model, rank=2, where="spatial")
+    set_trainable(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # a trained spatial LoRA: the plain base UNet no longer matches
+    expected = video(model, *inputs)
+    assert not torch.allclose(video(inflate(unet, extract_adapter(model)), *inputs), expected, atol=1e-3)
+    spatial = spatial_unet_from_video(model, unet)
+    assert not any("lora" in k for k in spatial.state_dict())
+    extract_adapter(model).save_pretrained(tmp_path / "adapter")
+    spatial.save_pretrained(tmp_path / "adapter" / SPATIAL_UNET)
+    pipe = video_pipeline(tiny_sd_dir, tmp_path / "adapter")  # picks up adapter/unet
+    assert torch.allclose(video(pipe.unet, *inputs), expected, atol=1e-5)
+    plain = AnimateDiffPipeline.from_pretrained(  # diffusers alone, offline
+        tiny_sd_dir, unet=UNet2DConditionModel.from_pretrained(tmp_path / "adapter" / SPATIAL_UNET),
+        motion_adapter=MotionAdapter.from_pretrained(tmp_path / "adapter"), local_files_only=True)
+    assert torch.allclose(video(plain.unet, *inputs), expected, atol=1e-5)
+
+
 def test_shipped_motion_adapter_loads_offline_and_generates_8_frames():
     from mmalign.demo import BASE_PIPELINE
     from mmalign.video.demo import MOTION_ADAPTER
 
+    extra = ({"unet": UNet2DConditionModel.from_pretrained(MOTION_ADAPTER / SPATIAL_UNET)}
+             if (MOTION_ADAPTER / SPATIAL_UNET).is_dir() else {})
     pipe = AnimateDiffPipeline.from_pretrained(BASE_PIPELINE, motion_adapter=MotionAdapter.from_pretrained(
-        MOTION_ADAPTER), local_files_only=True)
+        MOTION_ADAPTER), local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
     out = pipe("a red circle moving right", num_frames=8, num_inference_steps=2, height=32, width=32,
                generator=torch.Generator().manual_seed(0), output_type="np")

@@ -5,24 +5,45 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AnimateDiffPipeline, MotionAdapter, StableDiffusionPipeline, UNetMotionModel
+from diffusers import AnimateDiffPipeline, MotionAdapter, StableDiffusionPipeline, UNet2DConditionModel, UNetMotionModel
 from PIL import Image
 
 from .temporal import exportable, extract_adapter
+
+SPATIAL_UNET = "unet"  # optional sub-folder of an adapter directory: the image UNet it was trained with
+
+
+def spatial_unet_from_video(video_unet: UNetMotionModel | str | Path,
+                            base_unet: UNet2DConditionModel | str | Path) -> UNet2DConditionModel:
+    """The image UNet inside a video UNet (e.g. spatial LoRA fused in by `exportable`): `base_unet`'s config
+    with every non-motion weight of `video_unet` (both name their spatial parts alike)."""
+    if isinstance(video_unet, (str, Path)):
+        video_unet = UNetMotionModel.from_pretrained(video_unet)
+    video_unet = exportable(video_unet)
+    if isinstance(base_unet, (str, Path)):
+        base_unet = UNet2DConditionModel.from_pretrained(base_unet)
+    unet = UNet2DConditionModel.from_config(base_unet.config)
+    unet.load_state_dict({k: v for k, v in video_unet.state_dict().items() if "motion_modules" not in k},
+                         strict=True)
+    return unet.to(next(video_unet.parameters()).dtype)
 
 
 def video_pipeline(image_pipeline: str | Path | StableDiffusionPipeline,
                    motion: MotionAdapter | UNetMotionModel | str | Path) -> AnimateDiffPipeline:
     """An AnimateDiffPipeline from an SD1.5-format image pipeline (directory or loaded) and either a
-    MotionAdapter (object or directory: the pipeline inflates the image UNet with it) or a video UNet built by
+    MotionAdapter (object or directory: the pipeline inflates the image UNet with it; a directory with a
+    `unet/` sub-folder supplies that image UNet instead of the pipeline's) or a video UNet built by
     `temporal.inflate` (used as is, after folding blends and merging LoRA)."""
     img = (image_pipeline if isinstance(image_pipeline, StableDiffusionPipeline)
            else StableDiffusionPipeline.from_pretrained(image_pipeline, safety_checker=None,
                                                         requires_safety_checker=False))
+    unet = img.unet
     if isinstance(motion, (str, Path)):
+        if (Path(motion) / SPATIAL_UNET / "config.json").exists():  # the adapter ships its own (fused) image UNet
+            unet = UNet2DConditionModel.from_pretrained(Path(motion) / SPATIAL_UNET)
         motion = MotionAdapter.from_pretrained(motion)
     if isinstance(motion, MotionAdapter):
-        unet, adapter = img.unet, motion
+        adapter = motion
     elif isinstance(motion, UNetMotionModel):
         unet, adapter = exportable(motion), None
     else:
