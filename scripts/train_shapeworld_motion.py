@@ -25,8 +25,8 @@ from mmalign.core.config import Experiment, TrainConfig
 from mmalign.core.trainer import train
 from mmalign.datasets.shapeworld.video import score_motion
 from mmalign.evals.stats import bootstrap_ci
-from mmalign.video.methods import VideoConfig, VideoDataConfig, VideoModelConfig, VideoTemporalTraining, \
-    shapeworld_clips
+from mmalign.video.clips import shapeworld_clips
+from mmalign.video.methods import VideoConfig, VideoDataConfig, VideoModelConfig, VideoTemporalTraining
 from mmalign.video.sampling import SPATIAL_UNET, sample_videos, spatial_unet_from_video, video_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -174,7 +174,7 @@ def test_registry_and_recipes():
 def test_encode_clips_caches_each_frame_in_video_layout_and_checks_frame_counts(tiny_sd_dir):
     from diffusers import AutoencoderKL
 
-    from mmalign.video.methods import encode_clips, frames_tensor
+    from mmalign.video.clips import encode_clips, frames_tensor
 
     vae = AutoencoderKL.from_pretrained(tiny_sd_dir, subfolder="vae").eval()
     two = [c.frames for c in clips(2)]
