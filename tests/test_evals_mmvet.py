@@ -13,18 +13,7 @@ from mmalign.evals.llava_bench import parse_pair, rate_items, rating_messages, r
 from mmalign.evals.mmvet import (FEW_SHOT, BenchItem, capability_scores, grade_predictions, grading_messages,
                                  item_means, parse_grade, read_bench, summarize_runs, truth_parts)
 from mmalign.evals.pope import pope_table
-
-
-class Scripted:
-    """A chat judge replying from a list, recording (temperature, seed) per call."""
-    id = "scripted"
-
-    def __init__(self, replies):
-        self.replies, self.seen = list(replies), []
-
-    def complete(self, messages, temperature=0.0, seed=None):
-        self.seen.append((temperature, seed))
-        return self.replies.pop(0)
+from test_evals_judges import Scripted  # a chat judge replying from a list, recording (temperature, seed)
 
 
 def item(i, caps, answer="x", type_=None, category=None, question="q?"):
