@@ -45,11 +45,12 @@ def test_turn_two_prompt_sees_turn_one_and_the_reference():
 def test_read_questions(tmp_path):
     rows = [{"question_id": 1, "category": "writing", "turns": ["a", "b"]},
             {"question_id": 2, "turns": ["a", "b"], "reference": ["only one"]},
-            {"question_id": 3, "turns": []}, {"turns": ["a"]}]
+            {"question_id": 3, "turns": []}, {"turns": ["a"]}, [1]]
     path = tmp_path / "q.jsonl"
     path.write_text("\n".join(map(json.dumps, rows)))
     qs, report = read_questions(path, bad_rows="skip")
-    assert qs == [MTQuestion("1", "writing", ("a", "b"), None)] and sum(report.skipped.values()) == 3
+    assert qs == [MTQuestion("1", "writing", ("a", "b"), None)] and sum(report.skipped.values()) == 4
+    assert report.skipped["row is not a JSON object"] == 1
     with pytest.raises(DataError, match="q.jsonl:2: 'reference'"):
         read_questions(path)
 

@@ -35,6 +35,9 @@ def read_questions(path, bad_rows: str = "error") -> tuple[list[MTQuestion], Ski
     path = Path(path)
     report, out = SkipReport(), []
     for where, row in jsonl_rows(path, report, bad_rows, bad_json="not JSON"):
+        if not isinstance(row, dict):
+            reject(report, bad_rows, "row is not a JSON object", where)
+            continue
         turns, ref = row.get("turns"), row.get("reference")
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
             reject(report, bad_rows, "'turns' must be a non-empty list of non-empty strings", where)
