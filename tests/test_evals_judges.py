@@ -129,6 +129,8 @@ def test_normal_answer_sends_the_protocol_and_the_key_from_the_named_variable(se
     assert body == {"model": "judge-model", "messages": MSGS, "temperature": 0.4, "max_tokens": 256, "seed": 11}
     assert headers["Authorization"] == "Bearer sk-test-123"
     assert "sk-test" not in judge.id and judge.id.startswith("http:judge-model@")
+    assert judge_for(server, "ok", key, send_seed=False).complete(MSGS, seed=11) == "0.8"
+    assert "seed" not in server.bodies["ok"][-1]  # for servers that reject the field
 
 
 def test_no_key_variable_sends_no_authorization_and_a_missing_variable_is_a_clear_error(server, monkeypatch):

@@ -36,7 +36,7 @@ def make_judge(a):
         sys.exit("--judge http needs --base-url (e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1)")
     from .judge_http import HTTPJudge
     return HTTPJudge(a.base_url, a.judge_model, api_key_env=a.api_key_env or None, timeout=a.judge_timeout,
-                     max_retries=a.judge_retries, max_tokens=a.judge_max_tokens)
+                     max_retries=a.judge_retries, max_tokens=a.judge_max_tokens, send_seed=not a.judge_no_seed)
 
 
 def _prompt(item):
@@ -239,6 +239,8 @@ def register(esub) -> None:
     p.add_argument("--judge-timeout", type=float, default=60.0)
     p.add_argument("--judge-retries", type=int, default=4, help="http: retries of a failed request")
     p.add_argument("--judge-max-tokens", type=int, default=256)
+    p.add_argument("--judge-no-seed", action="store_true", help="http: do not send the 'seed' field (for servers "
+                                                                   "that reject it; sampling is then not reproducible)")
     p.add_argument("--compare", help="results file of a baseline run on the same benchmark (paired CI)")
     p.add_argument("--out", default="runs/eval_mllm/results.json")
     p.add_argument("--max-new-tokens", type=int, default=64)

@@ -62,13 +62,13 @@ def content_of(body: bytes) -> str:
 class HTTPJudge:
     def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
                  timeout: float = 60.0, max_retries: int = 4, backoff: float = 1.0, max_backoff: float = 60.0,
-                 max_tokens: int = 256, sleep=time.sleep):
+                 max_tokens: int = 256, send_seed: bool = True, sleep=time.sleep):
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key_env = model, api_key_env
         self.timeout, self.max_retries, self.backoff, self.max_backoff = timeout, max_retries, backoff, max_backoff
-        self.max_tokens, self.sleep = max_tokens, sleep
+        self.max_tokens, self.send_seed, self.sleep = max_tokens, send_seed, sleep  # off: servers rejecting 'seed'
         self.id = f"http:{model}@{base_url.rstrip('/')}"
 
     def _headers(self) -> dict:
@@ -84,7 +84,7 @@ class HTTPJudge:
     def complete(self, messages: list[dict], temperature: float = 0.0, seed: int | None = None) -> str:
         payload = {"model": self.model, "messages": messages, "temperature": temperature,
                    "max_tokens": self.max_tokens}
-        if seed is not None:
+        if seed is not None and self.send_seed:
             payload["seed"] = seed
         data = json.dumps(payload).encode()
         headers = self._headers()
