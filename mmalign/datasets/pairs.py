@@ -151,13 +151,15 @@ def _label(value: Any) -> float | None:
     return float(value) if value in (0, 0.5, 1) else None
 
 
-def read_pairs(source: Any, ties: str = "drop", bad_rows: str = "skip") -> tuple[list[PairRecord], SkipReport]:
-    """The valid, non-tied pairs of `source` (oriented winner/loser) and a report of every row left out."""
-    _check_policy(bad_rows)
+def check_ties(ties: str) -> None:
     if ties not in TIE_POLICIES:
         raise ValueError(f"tie policy must be one of {TIE_POLICIES}, got {ties!r}")
-    report, out = SkipReport(), []
-    for where, row, base in _rows(source):
+
+
+def captioned_rows(rows, report: SkipReport, bad_rows: str):
+    """(where, row, base) of every row that is a JSON object with a string caption; each row counts in
+    `report.total`, the others are rejected under `bad_rows`."""
+    for where, row, base in rows:
         report.total += 1
         if isinstance(row, _Bad) or not isinstance(row, dict):
             reject(report, bad_rows, row if isinstance(row, _Bad) else "row is not a JSON object", where)
@@ -165,6 +167,25 @@ def read_pairs(source: Any, ties: str = "drop", bad_rows: str = "skip") -> tuple
         if not isinstance(row.get("caption"), str):
             reject(report, bad_rows, "missing or non-string caption", where)
             continue
+        yield where, row, base
+
+
+def tie_left_out(label: float, ties: str, report: SkipReport, where: str, what: str) -> bool:
+    """True when the row is a tie (label 0.5): counted as a skip, or a DataError under ties='error'."""
+    if label != 0.5:
+        return False
+    if ties == "error":
+        raise DataError(f"{where}: {TIE_REASON}: a tie has no preferred {what} (use ties='drop')")
+    report.skip(TIE_REASON, where)
+    return True
+
+
+def read_pairs(source: Any, ties: str = "drop", bad_rows: str = "skip") -> tuple[list[PairRecord], SkipReport]:
+    """The valid, non-tied pairs of `source` (oriented winner/loser) and a report of every row left out."""
+    _check_policy(bad_rows)
+    check_ties(ties)
+    report, out = SkipReport(), []
+    for where, row, base in captioned_rows(_rows(source), report, bad_rows):
         label = _label(row.get("label_0"))
         if label is None:
             reject(report, bad_rows, "label_0 missing or not 0, 0.5 or 1", where)
@@ -174,10 +195,7 @@ def read_pairs(source: Any, ties: str = "drop", bad_rows: str = "skip") -> tuple
         if bad is not None:
             reject(report, bad_rows, bad, where)
             continue
-        if label == 0.5:
-            if ties == "error":
-                raise DataError(f"{where}: {TIE_REASON}: a tie has no preferred image (use ties='drop')")
-            report.skip(TIE_REASON, where)
+        if tie_left_out(label, ties, report, where, "image"):
             continue
         w, l = (img0, img1) if label == 1 else (img1, img0)
         out.append(PairRecord(row["caption"], w, l, where, {k: v for k, v in row.items() if k not in _CORE}))

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageSequence
 
-from ..datasets.pairs import TIE_POLICIES, TIE_REASON, _Bad, _label, _rows
+from ..datasets.pairs import _Bad, _label, _rows, captioned_rows, check_ties, tie_left_out
 from ..datasets.records import DataError, SkipReport, _check_policy, reject
 
 CONTAINER_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
@@ -225,17 +225,9 @@ def read_video_pairs(source: Any, n_frames: int | None, stride: int = 1, bad_row
     every row left out (kept + skipped == total)."""
     _check_policy(bad_rows)
     _check_sampling(n_frames, stride, start)
-    if ties not in TIE_POLICIES:
-        raise ValueError(f"tie policy must be one of {TIE_POLICIES}, got {ties!r}")
+    check_ties(ties)
     report, out = SkipReport(), []
-    for where, row, base in _pair_rows(source):
-        report.total += 1
-        if isinstance(row, _Bad) or not isinstance(row, dict):
-            reject(report, bad_rows, row if isinstance(row, _Bad) else "row is not a JSON object", where)
-            continue
-        if not isinstance(row.get("caption"), str):
-            reject(report, bad_rows, "missing or non-string caption", where)
-            continue
+    for where, row, base in captioned_rows(_pair_rows(source), report, bad_rows):
         if any(row.get(c) is not None for c in _NATIVE):
             cols, label = _NATIVE, 1.0
         elif any(row.get(c) is not None for c in _LABELLED):
@@ -252,10 +244,7 @@ def read_video_pairs(source: Any, n_frames: int | None, stride: int = 1, bad_row
         if bad is not None:
             reject(report, bad_rows, bad, where)
             continue
-        if label == 0.5:
-            if ties == "error":
-                raise DataError(f"{where}: {TIE_REASON}: a tie has no preferred video (use ties='drop')")
-            report.skip(TIE_REASON, where)
+        if tie_left_out(label, ties, report, where, "video"):
             continue
         path_w, path_l = paths if label == 1 else paths[::-1]
         try:
