@@ -48,9 +48,10 @@ class HighNoiseTraining(VideoTemporalTraining):
 
 
 def evaluate(adapter_dir: str, n: int, steps: int, guidance: float, seed: int = EVAL_SEED) -> dict:
-    """Direction accuracy (and the other score_motion fields) of n seeded samples for held-out clip captions."""
+    """Direction accuracy (and the other score_motion fields) of n seeded samples for held-out clip captions
+    (initial noise drawn on the CPU from each seed, so a GPU evaluates the same clips)."""
     captions = [c for c, _ in shapeworld_clips(n, seed, 8, 32)]
-    pipe = video_pipeline(BASE, adapter_dir)
+    pipe = video_pipeline(BASE, adapter_dir).to("cuda" if torch.cuda.is_available() else "cpu")
     seeds = [seed + i for i in range(n)]
     clips = sample_videos(pipe, captions, seeds, num_frames=8, steps=steps, guidance=guidance)
     scores = [score_motion(c, cap) for c, cap in zip(clips, captions)]
@@ -70,6 +71,8 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=1, help="temporal transformer layers per motion module")
+    ap.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this long (0: no limit)")
     ap.add_argument("--init-adapter", default="", help="start from this MotionAdapter directory (default: fresh)")
     ap.add_argument("--lora-rank", type=int, default=0, help="LoRA on the spatial attention, trained jointly")
     ap.add_argument("--warmup", type=int, default=20)
@@ -82,12 +85,13 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t0 = time.time()
-    cfg = VideoConfig(VideoModelConfig(pretrained=str(BASE), motion_heads=a.heads, max_frames=32,
+    cfg = VideoConfig(VideoModelConfig(pretrained=str(BASE), motion_heads=a.heads, motion_layers=a.layers,
+                                      max_frames=32,
                                       motion_adapter=a.init_adapter, lora_rank=a.lora_rank, lora_where="spatial"),
                       VideoDataConfig(shapeworld_clips=a.clips, seed=a.seed, num_frames=8))
     exp = Experiment("video_temporal", a.work, TrainConfig(lr=a.lr, max_steps=a.steps, batch_size=a.batch,
                                                             warmup_steps=a.warmup, log_every=10, seed=a.seed,
-                                                            resume="never"), cfg)
+                                                            max_minutes=a.max_minutes, resume="never"), cfg)
     summary = train(exp, HighNoiseTraining(cfg, a.work, t_min=a.t_min))
     train_s = time.time() - t0
     out = Path(a.out)
@@ -97,7 +101,9 @@ def main():
     if a.lora_rank:  # the spatial LoRA, fused: a plain image UNet shipped next to the adapter
         spatial_unet_from_video(Path(a.work) / "final/pipeline/unet", BASE / "unet").save_pretrained(out / SPATIAL_UNET)
     shutil.copy(Path(a.work) / "metrics.jsonl", out / "train_log.jsonl")
-    result = {"train": {"steps": a.steps, "batch": a.batch, "clips": a.clips, "lr": a.lr, "heads": a.heads,
+    result = {"train": {"steps": summary["step"], "max_steps": a.steps, "stopped": summary.get("stopped", ""),
+                        "layers": a.layers, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                        "batch": a.batch, "clips": a.clips, "lr": a.lr, "heads": a.heads,
                         "init_adapter": a.init_adapter, "lora_rank": a.lora_rank, "warmup": a.warmup, "t_min": a.t_min,
                         "seed": a.seed, "threads": a.threads, "seconds": round(train_s, 1),
                         "final_metrics": summary["metrics"]},

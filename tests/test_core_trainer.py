@@ -86,6 +86,29 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     assert run(crashed)["step"] == 8  # already finished: nothing more to do
 
 
+def test_time_budget_stops_with_checkpoint_and_resume_finishes_the_same(tmp_path, monkeypatch):
+    import mmalign.core.trainer as trainer
+
+    toy = dict(dropout=0.3, noise=0.1)
+    straight = make_exp(tmp_path, "straight", toy, log_every=3)
+    run(straight)
+    clock = iter(range(0, 10**6, 7))  # every reading of the clock is 7 s later
+    monkeypatch.setattr(trainer.time, "time", lambda: float(next(clock)))
+    timed = make_exp(tmp_path, "timed", toy, log_every=3, max_minutes=0.5)
+    out = run(timed)
+    monkeypatch.undo()
+    assert 1 <= out["step"] < 8 and out["stopped"].startswith("time budget of 0.5 min")
+    root = os.path.join(timed.output_dir, "checkpoints")
+    assert ckpt.latest_checkpoint(root) == ckpt.step_dir(root, out["step"])
+    assert logged(timed, "step")[-1] == out["step"]  # the stop step is logged even off the log_every grid
+    timed.train.max_minutes = 0
+    assert run(timed)["step"] == 8 and "stopped" not in run(timed)
+    assert logged(timed, "step")[-1] == 8 and logged(timed)[-1] == logged(straight)[-1]
+    assert_same_weights(weights(timed), weights(straight))
+    with pytest.raises(ConfigError, match="max_minutes"):
+        run(make_exp(tmp_path, "bad", max_minutes=-1))
+
+
 def test_resume_from_explicit_checkpoint_with_accumulation(tmp_path):
     toy = dict(dropout=0.3, noise=0.1)
     straight = make_exp(tmp_path, "straight", toy, batch_size=2, grad_accum=2, save_every=2)

@@ -36,6 +36,7 @@ _Loader.add_implicit_resolver(
 class TrainConfig:
     lr: float = 1e-4
     max_steps: int = 100
+    max_minutes: float = 0.0  # > 0: stop (checkpoint saved, resumable) once this much training time has passed
     batch_size: int = 8  # per device, per micro-batch
     grad_accum: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"

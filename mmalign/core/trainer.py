@@ -76,6 +76,8 @@ def _check(cfg: TrainConfig):
     for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"train.{name}: must be >= 1, got {getattr(cfg, name)}")
+    if cfg.max_minutes < 0:
+        raise ConfigError(f"train.max_minutes: must be >= 0 (0 = no time limit), got {cfg.max_minutes}")
     if cfg.tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
@@ -174,7 +176,7 @@ def _train(exp: Experiment, method: Method, acc: Accelerator) -> dict:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(os.path.join(out, "tensorboard"))
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not acc.is_main_process, desc="train")
-    step, sums, last, t0 = start, {}, {}, time.time()
+    step, sums, last, t0, stopped = start, {}, {}, time.time(), ""
 
     def save(step):
         ckpt.save_checkpoint(
@@ -210,8 +212,16 @@ def _train(exp: Experiment, method: Method, acc: Accelerator) -> dict:
             bar.set_postfix({k: f"{v:.4g}" for k, v in list(last.items())[:4]})
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 _log(metrics_path, writer, step, lr, last, time.time() - t0)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+        timed_out = _out_of_time(acc, t0, cfg.max_minutes) and step < cfg.max_steps
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps or timed_out:
             save(step)
+        if timed_out:
+            stopped = f"time budget of {cfg.max_minutes} min reached at step {step} of {cfg.max_steps}"
+            if acc.is_main_process:
+                if step % cfg.log_every:
+                    _log(metrics_path, writer, step, lr, last, time.time() - t0)
+                print(f"train: stopping early, {stopped}; resume continues from the checkpoint")
+            break
     bar.close()
     if writer:
         writer.close()
@@ -219,7 +229,17 @@ def _train(exp: Experiment, method: Method, acc: Accelerator) -> dict:
     if acc.is_main_process:
         method.save_pretrained(acc.unwrap_model(policy), os.path.join(out, "final"))
     acc.wait_for_everyone()
-    return {"step": step, "metrics": last, "output_dir": out}
+    return {"step": step, "metrics": last, "output_dir": out, **({"stopped": stopped} if stopped else {})}
+
+
+def _out_of_time(acc, t0: float, max_minutes: float) -> bool:
+    """True once `max_minutes` of this run have passed on any rank (all ranks agree, so all stop together)."""
+    if not max_minutes:
+        return False
+    late = torch.tensor([float(time.time() - t0 > max_minutes * 60)], device=acc.device)
+    if acc.num_processes > 1:
+        late = acc.reduce(late, "max")
+    return bool(late.item())
 
 
 def _log(path, writer, step, lr, metrics, elapsed):
