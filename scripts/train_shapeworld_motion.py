@@ -27,7 +27,7 @@ from mmalign.datasets.shapeworld.video import score_motion
 from mmalign.evals.stats import bootstrap_ci
 from mmalign.video.clips import shapeworld_clips
 from mmalign.video.methods import VideoConfig, VideoDataConfig, VideoModelConfig, VideoTemporalTraining
-from mmalign.video.sampling import SPATIAL_UNET, sample_videos, spatial_unet_from_video, video_pipeline
+from mmalign.video.sampling import sample_videos, video_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "mmalign/assets/shapeworld_sd"
@@ -75,6 +75,8 @@ def main():
     ap.add_argument("--max-minutes", type=float, default=0.0, help="stop training after this long (0: no limit)")
     ap.add_argument("--init-adapter", default="", help="start from this MotionAdapter directory (default: fresh)")
     ap.add_argument("--lora-rank", type=int, default=0, help="LoRA on the spatial attention, trained jointly")
+    ap.add_argument("--lora-where", default="spatial", choices=("spatial", "cross"),
+                    help="spatial: self- and cross-attention; cross: the caption cross-attention only")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--t-min", type=int, default=0, help="train on timesteps in [t-min, T) only")
     ap.add_argument("--seed", type=int, default=0)
@@ -87,7 +89,7 @@ def main():
     t0 = time.time()
     cfg = VideoConfig(VideoModelConfig(pretrained=str(BASE), motion_heads=a.heads, motion_layers=a.layers,
                                       max_frames=32,
-                                      motion_adapter=a.init_adapter, lora_rank=a.lora_rank, lora_where="spatial"),
+                                      motion_adapter=a.init_adapter, lora_rank=a.lora_rank, lora_where=a.lora_where),
                       VideoDataConfig(shapeworld_clips=a.clips, seed=a.seed, num_frames=8))
     exp = Experiment("video_temporal", a.work, TrainConfig(lr=a.lr, max_steps=a.steps, batch_size=a.batch,
                                                             warmup_steps=a.warmup, log_every=10, seed=a.seed,
@@ -96,15 +98,13 @@ def main():
     train_s = time.time() - t0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    for f in ("config.json", "diffusion_pytorch_model.safetensors"):
-        shutil.copy(Path(a.work) / "final/motion_adapter" / f, out / f)
-    if a.lora_rank:  # the spatial LoRA, fused: a plain image UNet shipped next to the adapter
-        spatial_unet_from_video(Path(a.work) / "final/pipeline/unet", BASE / "unet").save_pretrained(out / SPATIAL_UNET)
+    # the MotionAdapter, plus unet/ (the image UNet with the spatial LoRA fused) when a spatial LoRA trained
+    shutil.copytree(Path(a.work) / "final/motion_adapter", out, dirs_exist_ok=True)
     shutil.copy(Path(a.work) / "metrics.jsonl", out / "train_log.jsonl")
     result = {"train": {"steps": summary["step"], "max_steps": a.steps, "stopped": summary.get("stopped", ""),
                         "layers": a.layers, "device": "cuda" if torch.cuda.is_available() else "cpu",
                         "batch": a.batch, "clips": a.clips, "lr": a.lr, "heads": a.heads,
-                        "init_adapter": a.init_adapter, "lora_rank": a.lora_rank, "warmup": a.warmup, "t_min": a.t_min,
+                        "init_adapter": a.init_adapter, "lora_rank": a.lora_rank, "lora_where": a.lora_where, "warmup": a.warmup, "t_min": a.t_min,
                         "seed": a.seed, "threads": a.threads, "seconds": round(train_s, 1),
                         "final_metrics": summary["metrics"]},
               "eval": evaluate(str(out), a.eval_n, a.eval_steps, a.eval_guidance) if a.eval_n else {}}

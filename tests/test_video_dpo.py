@@ -6,15 +6,16 @@ import random
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
 from mmalign.core.config import ConfigError, Experiment, TrainConfig, load_experiment
 from mmalign.core.trainer import train
 from mmalign.datasets.shapeworld.video import sample_clip, write_clip
 from mmalign.diffusion.losses import diffusion_dpo_loss
 from mmalign.methods import method_class
-from mmalign.video.methods import (SharedFrozenCopy, VideoConfig, VideoDataConfig, VideoDiffusionDPO,
+from mmalign.video.methods import (SharedFrozenCopy, VideoConfig, VideoDataConfig, VideoDenoiser, VideoDiffusionDPO,
                                    VideoModelConfig, VideoTemporalTraining, video_dpo_errors)
+from mmalign.video.temporal import inflate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F = 4
@@ -125,6 +126,33 @@ def test_video_dpo_adapters_off_reference_through_temporal_lora(tiny_sd_dir, tmp
         VideoDiffusionDPO(config(tiny_sd_dir, reference="adapters_off"), str(tmp_path))
     with pytest.raises(ConfigError, match="nothing would train"):
         VideoTemporalTraining(config(tiny_sd_dir, train_motion=False), str(tmp_path))
+
+
+def test_cross_attention_lora_ships_its_image_unet_and_a_later_method_builds_on_it(tiny_sd_dir, tmp_path):
+    cfg = config(tiny_sd_dir, lora_rank=2, lora_where="cross")
+    first = VideoTemporalTraining(cfg, str(tmp_path / "first"))
+    first.data = [(c.caption, c.frames) for c in clips(2)]
+    run(first, tmp_path / "first", steps=2, lr=1e-2)
+    lora = [n for n in first.trainable if "lora_" in n]
+    assert lora and all("attn2" in n and "motion_modules" not in n for n in lora)  # the caption's way in only
+    adapter = tmp_path / "first/final/motion_adapter"
+    assert (adapter / "unet/config.json").is_file()  # trained spatial weights travel with the adapter
+
+    second = VideoDiffusionDPO(config(tiny_sd_dir, motion_adapter=str(adapter)), str(tmp_path / "second"))
+    policy = second.build(torch.device("cpu"))
+    trained = VideoDenoiser(UNetMotionModel.from_pretrained(tmp_path / "first/final/pipeline/unet"))
+    base = VideoDenoiser(inflate(UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet"),
+                                 MotionAdapter.from_pretrained(adapter)))
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(1, 4, F, 16, 16, generator=g), torch.tensor([500]), torch.randn(1, 16, 32, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(policy(x, t, ctx), trained(x, t, ctx), atol=1e-5)
+        assert not torch.allclose(base(x, t, ctx), trained(x, t, ctx), atol=1e-4)  # the unet/ made the difference
+
+    plain = VideoTemporalTraining(config(tiny_sd_dir), str(tmp_path / "plain"))
+    plain.data = [(c.caption, c.frames) for c in clips(2)]
+    run(plain, tmp_path / "plain", steps=1)
+    assert not (tmp_path / "plain/final/motion_adapter/unet").exists()  # spatial weights untouched: none shipped
 
 
 def test_video_dpo_reads_pair_folders(tiny_sd_dir, tmp_path):

@@ -44,7 +44,7 @@ class VideoModelConfig:
     alpha_init: float = 0.5
     train_motion: bool = True  # the motion modules' own weights train (false: only LoRA / alpha)
     lora_rank: int = 0  # 0: no LoRA
-    lora_where: str = "spatial"  # spatial | temporal | both (attention projections)
+    lora_where: str = "spatial"  # spatial | cross (spatial cross-attention only) | temporal | both
     reference: str = "frozen_copy"  # video_dpo: frozen_copy | adapters_off (training through LoRA only)
 
 
@@ -121,8 +121,8 @@ class VideoMethod:
         m = cfg.model
         if m.blend not in ("none", "alpha"):
             raise ConfigError(f"model.blend: {m.blend!r} (use none or alpha)")
-        if m.lora_where not in ("spatial", "temporal", "both"):
-            raise ConfigError(f"model.lora_where: {m.lora_where!r} (use spatial, temporal or both)")
+        if m.lora_where not in ("spatial", "cross", "temporal", "both"):
+            raise ConfigError(f"model.lora_where: {m.lora_where!r} (use spatial, cross, temporal or both)")
         if m.reference not in ("frozen_copy", "adapters_off"):
             raise ConfigError(f"model.reference: {m.reference!r} (use frozen_copy or adapters_off)")
         if m.reference == "adapters_off" and self.needs_reference and (m.lora_rank == 0 or m.train_motion
@@ -141,6 +141,10 @@ class VideoMethod:
         for enc in (p.vae, p.text_encoder):
             enc.to(device).requires_grad_(False).eval()
         adapter = MotionAdapter.from_pretrained(m.motion_adapter) if m.motion_adapter else None
+        if m.motion_adapter and Path(m.motion_adapter).is_dir():
+            from .sampling import shipped_spatial_unet
+
+            p.unet = shipped_spatial_unet(m.motion_adapter) or p.unet  # the adapter's own (fused) image UNet
         unet = inflate(p.unet, adapter, MotionSpec(m.motion_heads, m.motion_layers, m.max_frames))
         if m.blend == "alpha":
             add_alpha_blend(unet, m.alpha_init, learned=True)

@@ -13,6 +13,12 @@ from .temporal import exportable, extract_adapter
 SPATIAL_UNET = "unet"  # optional sub-folder of an adapter directory: the image UNet it was trained with
 
 
+def shipped_spatial_unet(motion_dir: str | Path) -> UNet2DConditionModel | None:
+    """The image UNet an adapter directory ships in its `unet/` sub-folder (its spatial LoRA, fused), else None."""
+    path = Path(motion_dir) / SPATIAL_UNET
+    return UNet2DConditionModel.from_pretrained(path) if (path / "config.json").is_file() else None
+
+
 def spatial_unet_from_video(video_unet: UNetMotionModel | str | Path,
                             base_unet: UNet2DConditionModel | str | Path) -> UNet2DConditionModel:
     """The image UNet inside a video UNet (e.g. spatial LoRA fused in by `exportable`): `base_unet`'s config
@@ -39,8 +45,7 @@ def video_pipeline(image_pipeline: str | Path | StableDiffusionPipeline,
                                                         requires_safety_checker=False))
     unet = img.unet
     if isinstance(motion, (str, Path)):
-        if (Path(motion) / SPATIAL_UNET / "config.json").exists():  # the adapter ships its own (fused) image UNet
-            unet = UNet2DConditionModel.from_pretrained(Path(motion) / SPATIAL_UNET)
+        unet = shipped_spatial_unet(motion) or unet
         motion = MotionAdapter.from_pretrained(motion)
     if isinstance(motion, MotionAdapter):
         adapter = motion
@@ -56,11 +61,16 @@ def video_pipeline(image_pipeline: str | Path | StableDiffusionPipeline,
 
 
 def save_video_model(image_pipeline: str | Path, video_unet: UNetMotionModel, out_dir: str | Path) -> dict:
-    """Write `out_dir/motion_adapter` (MotionAdapter.from_pretrained) and `out_dir/pipeline` (a full
+    """Write `out_dir/motion_adapter` (MotionAdapter.from_pretrained; plus its `unet/`, the image UNet, when the
+    video UNet's spatial weights differ from the pipeline's: spatial LoRA fused) and `out_dir/pipeline` (a full
     AnimateDiffPipeline directory: AnimateDiffPipeline.from_pretrained). Returns the two paths."""
     out = Path(out_dir)
     extract_adapter(video_unet).save_pretrained(out / "motion_adapter")
     pipe = video_pipeline(image_pipeline, video_unet)  # motion_adapter None: the UNet holds the motion modules
+    base = UNet2DConditionModel.from_pretrained(image_pipeline, subfolder="unet")
+    spatial = spatial_unet_from_video(pipe.unet, base)
+    if any(not torch.equal(v, spatial.state_dict()[k]) for k, v in base.state_dict().items()):
+        spatial.save_pretrained(out / "motion_adapter" / SPATIAL_UNET)  # spatial weights trained: ship them too
     pipe.save_pretrained(out / "pipeline")
     return {"motion_adapter": str(out / "motion_adapter"), "pipeline": str(out / "pipeline")}
 

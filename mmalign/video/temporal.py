@@ -32,6 +32,7 @@ from torch import nn
 ATTN = r"(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
 SPATIAL_LORA_TARGETS = rf"^(?!.*motion_modules).*{ATTN}$"  # peft full-matches a string target
 TEMPORAL_LORA_TARGETS = rf"^.*motion_modules.*{ATTN}$"
+CROSS_LORA_TARGETS = r"^(?!.*motion_modules).*attn2\.(to_q|to_k|to_v|to_out\.0)$"  # the caption's way in
 
 
 # --- layouts ----------------------------------------------------------------------------------------------
@@ -176,14 +177,14 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 def add_lora(model: UNetMotionModel, rank: int, alpha: int = 0, where: str = "spatial") -> None:
     """peft LoRA (one adapter, "default") on the attention projections of the spatial transformers ("spatial"),
-    of the motion modules ("temporal") or of both ("both"). peft freezes everything else: call `set_trainable`
-    afterwards."""
+    of their caption cross-attention only ("cross"), of the motion modules ("temporal") or of both ("both").
+    peft freezes everything else: call `set_trainable` afterwards."""
     from peft import LoraConfig
 
-    targets = {"spatial": SPATIAL_LORA_TARGETS, "temporal": TEMPORAL_LORA_TARGETS,
+    targets = {"spatial": SPATIAL_LORA_TARGETS, "cross": CROSS_LORA_TARGETS, "temporal": TEMPORAL_LORA_TARGETS,
                "both": rf"^.*{ATTN}$"}
     if where not in targets:
-        raise ValueError(f"LoRA placement must be 'spatial', 'temporal' or 'both', got {where!r}")
+        raise ValueError(f"LoRA placement must be one of {sorted(targets)}, got {where!r}")
     model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
                                  target_modules=targets[where]))
 
