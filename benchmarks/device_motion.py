@@ -55,9 +55,9 @@ def main():
                "--work", str(work / f"{name}_run"), "--max-minutes", str(a.minutes), *COMMON, *CANDIDATES[name],
                *a.extra]
         (work / name).mkdir(parents=True, exist_ok=True)
-        log = open(work / name / "stdout.log", "w")
-        procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                       env={**os.environ, "OMP_NUM_THREADS": "3", "PYTHONUNBUFFERED": "1"})
+        with open(work / name / "stdout.log", "w") as log:  # the child keeps its own handle
+            procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                           env={**os.environ, "OMP_NUM_THREADS": "3", "PYTHONUNBUFFERED": "1"})
     rows = []
     for name, proc in procs.items():
         rc = proc.wait()

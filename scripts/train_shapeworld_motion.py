@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import torch
 
 from mmalign.core.config import Experiment, TrainConfig
 from mmalign.core.trainer import train
-from mmalign.datasets.shapeworld.video import score_motion
+from mmalign.datasets.shapeworld.video import motion_caption, parse_motion_caption, score_motion
 from mmalign.diffusion.losses import per_sample_mse
 from mmalign.diffusion.pipeline import diffusion_target
 from mmalign.evals.stats import bootstrap_ci
@@ -34,6 +35,7 @@ from mmalign.video.sampling import sample_videos, video_pipeline
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "mmalign/assets/shapeworld_sd"
 EVAL_SEED = 90_000  # held-out clip seeds (training clips use --seed)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class HighNoiseTraining(VideoTemporalTraining):
@@ -53,7 +55,7 @@ def evaluate(adapter_dir: str, n: int, steps: int, guidance: float, seed: int = 
     """Direction accuracy (and the other score_motion fields) of n seeded samples for held-out clip captions
     (initial noise drawn on the CPU from each seed, so a GPU evaluates the same clips)."""
     captions = [c for c, _ in shapeworld_clips(n, seed, 8, 32)]
-    pipe = video_pipeline(BASE, adapter_dir).to("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = video_pipeline(BASE, adapter_dir).to(DEVICE)
     seeds = [seed + i for i in range(n)]
     clips = sample_videos(pipe, captions, seeds, num_frames=8, steps=steps, guidance=guidance)
     scores = [score_motion(c, cap) for c, cap in zip(clips, captions)]
@@ -73,12 +75,14 @@ def direction_gap(adapter_dir: str, n: int, seed: int = EVAL_SEED, timesteps=(30
     caption vs with the opposite direction ("left" <-> "right"), same x_t and noise: per t, the relative gap
     (wrong - true) / true. About 0 when the caption's direction never reaches the prediction."""
     clips = shapeworld_clips(n, seed, 8, 32)
-    swapped = [c.rsplit(" ", 1)[0] + " " + OPPOSITE[c.rsplit(" ", 1)[1]] for c, _ in clips]
+    swapped = [motion_caption(colour, shape, OPPOSITE[d]) for colour, shape, d in
+               (parse_motion_caption(c) for c, _ in clips)]
     cfg = VideoConfig(VideoModelConfig(pretrained=str(BASE), motion_adapter=adapter_dir),
                       VideoDataConfig(num_frames=8))
-    method = VideoTemporalTraining(cfg, "/tmp/direction_gap", data=clips)
-    policy = method.build(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    rows = method.dataset()
+    with tempfile.TemporaryDirectory() as tmp:  # the method's data_report.json goes there
+        method = VideoTemporalTraining(cfg, tmp, data=clips)
+        policy = method.build(DEVICE)
+        rows = method.dataset()
     batch = {k: v.to(method.device) for k, v in method.collate([rows[i] for i in range(len(rows))]).items()}
     x0 = batch["mean"] * method.parts.vae.config.scaling_factor
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
@@ -136,7 +140,7 @@ def main():
     shutil.copytree(Path(a.work) / "final/motion_adapter", out, dirs_exist_ok=True)
     shutil.copy(Path(a.work) / "metrics.jsonl", out / "train_log.jsonl")
     result = {"train": {"steps": summary["step"], "max_steps": a.steps, "stopped": summary.get("stopped", ""),
-                        "layers": a.layers, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                        "layers": a.layers, "device": DEVICE.type,
                         "batch": a.batch, "clips": a.clips, "lr": a.lr, "heads": a.heads,
                         "init_adapter": a.init_adapter, "lora_rank": a.lora_rank, "lora_where": a.lora_where, "warmup": a.warmup, "t_min": a.t_min,
                         "seed": a.seed, "threads": a.threads, "seconds": round(train_s, 1),

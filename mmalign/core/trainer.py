@@ -236,10 +236,10 @@ def _out_of_time(acc, t0: float, max_minutes: float) -> bool:
     """True once `max_minutes` of this run have passed on any rank (all ranks agree, so all stop together)."""
     if not max_minutes:
         return False
-    late = torch.tensor([float(time.time() - t0 > max_minutes * 60)], device=acc.device)
-    if acc.num_processes > 1:
-        late = acc.reduce(late, "max")
-    return bool(late.item())
+    late = time.time() - t0 > max_minutes * 60
+    if acc.num_processes == 1:  # no device tensor, no sync
+        return late
+    return bool(acc.reduce(torch.tensor([float(late)], device=acc.device), "max").item())
 
 
 def _log(path, writer, step, lr, metrics, elapsed):

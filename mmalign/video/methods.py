@@ -141,7 +141,7 @@ class VideoMethod:
         for enc in (p.vae, p.text_encoder):
             enc.to(device).requires_grad_(False).eval()
         adapter = MotionAdapter.from_pretrained(m.motion_adapter) if m.motion_adapter else None
-        if m.motion_adapter and Path(m.motion_adapter).is_dir():
+        if m.motion_adapter:
             from .sampling import shipped_spatial_unet
 
             p.unet = shipped_spatial_unet(m.motion_adapter) or p.unet  # the adapter's own (fused) image UNet
