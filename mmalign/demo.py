@@ -13,7 +13,7 @@ from PIL import Image
 
 from .datasets.shapeworld import sample_scenes, score_image
 from .evals.grid import image_grid
-from .evals.stats import bootstrap_ci
+from .core.stats import bootstrap_ci
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BASE_PIPELINE = ASSETS / "shapeworld_sd"

@@ -27,7 +27,7 @@ from mmalign.core.trainer import train
 from mmalign.datasets.shapeworld.video import motion_caption, parse_motion_caption, score_motion
 from mmalign.diffusion.losses import per_sample_mse
 from mmalign.diffusion.pipeline import diffusion_target
-from mmalign.evals.stats import bootstrap_ci
+from mmalign.core.stats import bootstrap_ci
 from mmalign.video.clips import shapeworld_clips
 from mmalign.video.methods import VideoConfig, VideoDataConfig, VideoModelConfig, VideoTemporalTraining
 from mmalign.video.sampling import sample_videos, video_pipeline

@@ -15,7 +15,7 @@ from mmalign.demo import save_samples
 from mmalign.evals.clip_backbone import build_clip, save_backbone
 from mmalign.evals.clip_scorers import SHIPPED_CLIP, AestheticHead, make_scorer
 from mmalign.evals.results import read_results
-from mmalign.evals.stats import paired_gain_ci, win_rate
+from mmalign.core.stats import paired_gain_ci, win_rate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,7 @@ from mmalign.datasets.records import DataError
 from mmalign.evals.cli_mllm import paired_comparison
 from mmalign.evals.mtbench import (MTQuestion, answer_questions, grade_answers, judge_messages, parse_rating,
                                    read_questions, summarize)
-from mmalign.evals.stats import paired_gain_ci
+from mmalign.core.stats import paired_gain_ci
 
 Q = MTQuestion("81", "math", ("What is 2+3?", "And times 4?"), ("5", "20"))
 

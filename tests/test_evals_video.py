@@ -167,7 +167,7 @@ def test_evaluate_videos_writes_a_results_file(tiny_clip, tmp_path):
 def test_cli_eval_videos_scores_a_folder(tiny_clip, tmp_path, capsys):
     from mmalign.cli import main
     from mmalign.evals.clip_backbone import save_backbone
-    from mmalign.video.data import write_gif
+    from mmalign.datasets.video import write_gif
 
     cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
                                            "head_width": 16},
@@ -208,7 +208,7 @@ def test_shipped_shapeworld_clip_prefers_the_right_colour(tmp_path):
     from mmalign.datasets.shapeworld.video import motion_caption, parse_motion_caption
     from mmalign.evals.cli_video import DEFAULT_CLIP
     from mmalign.evals.clip_backbone import load_backbone
-    from mmalign.video.data import write_gif
+    from mmalign.datasets.video import write_gif
 
     backbone = load_backbone(DEFAULT_CLIP)
     cs = clips(6, seed=7, n_frames=8)

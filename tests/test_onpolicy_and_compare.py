@@ -3,7 +3,7 @@ import pytest
 
 from mmalign.diffusion.onpolicy import best_vs_worst, ranked_pairs, reward_from_scores
 from mmalign.evals.compare import compare_scores
-from mmalign.evals.stats import paired_gain_ci, win_rate
+from mmalign.core.stats import paired_gain_ci, win_rate
 
 
 def test_best_vs_worst_and_ranked_pairs():

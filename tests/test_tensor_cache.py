@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from mmalign.diffusion.cache import (file_fingerprint, fingerprint, load_or_compute, model_fingerprint)
+from mmalign.datasets.cache import (file_fingerprint, fingerprint, load_or_compute, model_fingerprint)
 
 
 def counting(value=1.0):

@@ -9,7 +9,7 @@ from PIL import Image
 
 from mmalign.datasets.records import DataError
 from mmalign.datasets.shapeworld.video import frames_array, sample_clip
-from mmalign.video.data import (VideoError, natural_key, read_video, read_video_pairs, write_gif,
+from mmalign.datasets.video import (VideoError, natural_key, read_video, read_video_pairs, write_gif,
                                 write_video_pairs_jsonl)
 
 

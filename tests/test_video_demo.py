@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mmalign.evals.results import read_results
-from mmalign.video.data import read_video, read_video_pairs
+from mmalign.datasets.video import read_video, read_video_pairs
 from mmalign.video.demo import (VideoDemoSettings, format_video_results, frame_consistency, motion_captions,
                                 motion_reward, run_video_demo)
 

@@ -156,7 +156,7 @@ def test_cross_attention_lora_ships_its_image_unet_and_a_later_method_builds_on_
 
 
 def test_video_dpo_reads_pair_folders(tiny_sd_dir, tmp_path):
-    from mmalign.video.data import write_video_pairs_jsonl
+    from mmalign.datasets.video import write_video_pairs_jsonl
 
     data = tmp_path / "pairs"
     write_video_pairs_jsonl(data, [(c, np.stack([np.asarray(f) for f in w]), np.stack([np.asarray(f) for f in l]), {})

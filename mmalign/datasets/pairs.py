@@ -26,12 +26,12 @@ from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
-from .records import DataError, SkipReport, _check_policy, open_rgb, reject
+from .records import DataError, SkipReport, check_policy, open_rgb, reject
 
 TIE_POLICIES = ("drop", "error")
 TIE_REASON = "tie (label_0=0.5)"
 _CORE = ("caption", "jpg_0", "jpg_1", "label_0")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 
 
@@ -44,7 +44,7 @@ class PairRecord:
     extra: dict            # other columns kept (e.g. scores)
 
 
-class _Bad(str):
+class BadRow(str):
     """A row that could not even be parsed; the string is the reason."""
 
 
@@ -56,7 +56,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any, Path]]:
             try:
                 yield f"{path}:{n}", json.loads(line), path.parent
             except json.JSONDecodeError as e:
-                yield f"{path}:{n}", _Bad(f"invalid JSON ({e.msg})"), path.parent
+                yield f"{path}:{n}", BadRow(f"invalid JSON ({e.msg})"), path.parent
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, Any, Path]]:
@@ -103,7 +103,7 @@ def _datasets(source):
     return datasets
 
 
-def _rows(source: Any, image_columns: tuple[str, ...] | None = _IMAGE_COLUMNS,
+def source_rows(source: Any, image_columns: tuple[str, ...] | None = _IMAGE_COLUMNS,
           jsonl_names: tuple[str, ...] = ("metadata.jsonl",)) -> Iterator[tuple[str, Any, Path | None]]:
     """(where, row, base folder) for every row of a source; `jsonl_names` are looked for in a folder, in order."""
     if not isinstance(source, (str, os.PathLike)):
@@ -127,7 +127,7 @@ def _rows(source: Any, image_columns: tuple[str, ...] | None = _IMAGE_COLUMNS,
             return (r for s in shards for r in _parquet_rows(s))
         raise DataError(f"{p}: no {' / '.join(jsonl_names)}, *.parquet shards or save_to_disk dataset in this folder")
     s = str(source)
-    if _HUB_ID.fullmatch(s) and p.suffix not in (".jsonl", ".parquet", ".json", ".arrow"):
+    if HUB_ID.fullmatch(s) and p.suffix not in (".jsonl", ".parquet", ".json", ".arrow"):
         datasets = _datasets(s)
         return _dataset_rows(datasets.load_dataset(s, split="train"), s, image_columns)
     raise FileNotFoundError(f"pair source {s!r}: no such file or folder (and not a hub id like 'owner/name')")
@@ -145,7 +145,7 @@ def _image(value: Any, base: Path | None, col: str) -> bytes | Path | str:
     return f"missing {col}"
 
 
-def _label(value: Any) -> float | None:
+def pair_label(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         return None
     return float(value) if value in (0, 0.5, 1) else None
@@ -161,8 +161,8 @@ def captioned_rows(rows, report: SkipReport, bad_rows: str):
     `report.total`, the others are rejected under `bad_rows`."""
     for where, row, base in rows:
         report.total += 1
-        if isinstance(row, _Bad) or not isinstance(row, dict):
-            reject(report, bad_rows, row if isinstance(row, _Bad) else "row is not a JSON object", where)
+        if isinstance(row, BadRow) or not isinstance(row, dict):
+            reject(report, bad_rows, row if isinstance(row, BadRow) else "row is not a JSON object", where)
             continue
         if not isinstance(row.get("caption"), str):
             reject(report, bad_rows, "missing or non-string caption", where)
@@ -182,11 +182,11 @@ def tie_left_out(label: float, ties: str, report: SkipReport, where: str, what: 
 
 def read_pairs(source: Any, ties: str = "drop", bad_rows: str = "skip") -> tuple[list[PairRecord], SkipReport]:
     """The valid, non-tied pairs of `source` (oriented winner/loser) and a report of every row left out."""
-    _check_policy(bad_rows)
+    check_policy(bad_rows)
     check_ties(ties)
     report, out = SkipReport(), []
-    for where, row, base in captioned_rows(_rows(source), report, bad_rows):
-        label = _label(row.get("label_0"))
+    for where, row, base in captioned_rows(source_rows(source), report, bad_rows):
+        label = pair_label(row.get("label_0"))
         if label is None:
             reject(report, bad_rows, "label_0 missing or not 0, 0.5 or 1", where)
             continue

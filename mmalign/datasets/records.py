@@ -53,14 +53,14 @@ class CaptionRecord:
     extra: dict
 
 
-def _check_policy(policy: str) -> None:
+def check_policy(policy: str) -> None:
     if policy not in POLICIES:
         raise ValueError(f"bad-row policy must be one of {POLICIES}, got {policy!r}")
 
 
 def reject(report: SkipReport, policy: str, reason: str, where: str) -> None:
     """Apply the policy to one bad row: raise under "error", count under "skip"."""
-    _check_policy(policy)
+    check_policy(policy)
     if policy == "error":
         raise DataError(f"{where}: {reason}")
     report.skip(reason, where)
@@ -85,7 +85,7 @@ def jsonl_rows(path: str | Path, report: SkipReport, policy: str,
 
 def read_caption_folder(folder: str | Path, policy: str = "skip") -> tuple[list[CaptionRecord], SkipReport]:
     """Rows of `folder/metadata.jsonl` whose image file exists and whose caption is a string."""
-    _check_policy(policy)
+    check_policy(policy)
     folder = Path(folder)
     meta = folder / "metadata.jsonl"
     if not meta.is_file():

@@ -37,8 +37,8 @@ from typing import Any, Iterable, Union
 
 from PIL import Image
 
-from .pairs import _HUB_ID, _Bad, _rows
-from .records import DataError, SkipReport, _check_policy, reject
+from .pairs import HUB_ID, BadRow, source_rows
+from .records import DataError, SkipReport, check_policy, reject
 
 ImageSource = Union[Path, bytes]
 FORMATS = ("trl", "rlaif_v", "vlfeedback", "mm_rlhf")
@@ -251,10 +251,10 @@ def load_images(record: VLPair | VLConversation) -> list[Image.Image]:
 # ---- sources ----
 
 def _source_rows(source: Any, jsonl_names: tuple[str, ...]):
-    hub = (isinstance(source, str) and not Path(source).exists() and _HUB_ID.fullmatch(source)
+    hub = (isinstance(source, str) and not Path(source).exists() and HUB_ID.fullmatch(source)
            and Path(source).suffix not in (".jsonl", ".parquet", ".json", ".arrow"))
     try:
-        return _rows(source, image_columns=None, jsonl_names=jsonl_names)
+        return source_rows(source, image_columns=None, jsonl_names=jsonl_names)
     except Exception as e:
         if not hub or isinstance(e, (DataError, ImportError)):
             raise
@@ -263,7 +263,7 @@ def _source_rows(source: Any, jsonl_names: tuple[str, ...]):
 
 
 def _parsed(row: Any) -> dict:
-    if isinstance(row, _Bad):
+    if isinstance(row, BadRow):
         raise _Reject(str(row))
     if not isinstance(row, dict):
         raise _Reject("row is not a JSON object")
@@ -309,7 +309,7 @@ def read_vl_pairs(source: Any, format: str = "auto", ties: str = "drop", bad_row
                   image_root: str | Path | None = None, min_rating_gap: float = 0.0, pairing: str = "best",
                   allow_text_only: bool = False, check_images: str = "load") -> tuple[list[VLPair], SkipReport]:
     """The valid pairs of `source` and a report of every row (or completion / candidate pair) left out."""
-    _check_policy(bad_rows)
+    check_policy(bad_rows)
     for name, val, ok in (("format", format, ("auto",) + FORMATS), ("tie policy", ties, ("drop", "error")),
                           ("pairing", pairing, PAIRINGS), ("check_images", check_images, CHECKS)):
         if val not in ok:
@@ -344,7 +344,7 @@ def _detect(rows, format: str):
     rows, head = iter(rows), []
     for item in rows:
         head.append(item)
-        if isinstance(item[1], dict) and not isinstance(item[1], _Bad):
+        if isinstance(item[1], dict) and not isinstance(item[1], BadRow):
             return itertools.chain(head, rows), detect_format(item[1])
     raise DataError("no JSON object row to detect the format from; pass format=...")
 
@@ -413,7 +413,7 @@ def read_vl_conversations(source: Any, bad_rows: str = "skip", image_root: str |
                           allow_text_only: bool = False,
                           check_images: str = "load") -> tuple[list[VLConversation], SkipReport]:
     """SFT rows: `images` + `messages`, or conversational `prompt` + `completion`; the last turn is the assistant's."""
-    _check_policy(bad_rows)
+    check_policy(bad_rows)
     if check_images not in CHECKS:
         raise ValueError(f"check_images must be one of {CHECKS}, got {check_images!r}")
     ctx = _Ctx(None, Path(image_root) if image_root is not None else None, allow_text_only, check_images)

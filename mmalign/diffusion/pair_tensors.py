@@ -12,7 +12,7 @@ import torch
 
 from ..datasets.pairs import load_pair_images, read_pairs
 from ..datasets.records import SkipReport
-from .cache import file_fingerprint, fingerprint, load_or_compute, model_fingerprint
+from ..datasets.cache import file_fingerprint, fingerprint, load_or_compute, model_fingerprint
 from .pipeline import SDComponents, encode_prompts, preprocess
 
 CACHE_VERSION = 1

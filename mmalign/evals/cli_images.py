@@ -85,7 +85,7 @@ def _score_entries(scorer, entries, images, batch_size: int) -> list:
 def cmd_images(a) -> None:
     from ..datasets.records import DataError
     from .results import TaskResult, write_results
-    from .stats import bootstrap_ci
+    from ..core.stats import bootstrap_ci
 
     root, entries, report = parse_rows(a.dir, a.bad_rows)
     images = load_images(entries, report, a.bad_rows)
@@ -132,7 +132,7 @@ def per_prompt_means(prompts: list[str], a_scores: list[float], b_scores: list[f
 def cmd_compare(a) -> None:
     from ..datasets.records import DataError
     from .results import TaskResult, write_results
-    from .stats import bootstrap_ci, paired_gain_ci, win_rate
+    from ..core.stats import bootstrap_ci, paired_gain_ci, win_rate
 
     if a.n_boot < MIN_BOOT:
         sys.exit(f"--n-boot must be at least {MIN_BOOT}, got {a.n_boot}")

@@ -116,7 +116,7 @@ TASK_OF = {"mmvet": "mmvet", "llava-bench": "llava_bench", "mt-bench": "mt_bench
 
 def paired_comparison(base: dict[str, float | None], new: dict[str, float | None], n_boot: int, seed: int) -> dict:
     """Paired bootstrap CI of new - base over the item ids both have scored (others counted, not used)."""
-    from .stats import paired_gain_ci
+    from ..core.stats import paired_gain_ci
 
     ids = [i for i in new if new[i] is not None and base.get(i) is not None]
     if not ids:

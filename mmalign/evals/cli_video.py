@@ -18,10 +18,10 @@ def read_video_samples(folder, samples_file: str = "samples.jsonl", n_frames: in
                        bad_rows: str = "skip"):
     """(clips as uint8 arrays, captions, kept rows, SkipReport) of `folder/samples_file`, row by row under the
     bad-row policy (a bad row is a counted skip with its reason, or a DataError naming file:line)."""
-    from ..datasets.records import DataError, SkipReport, _check_policy, jsonl_rows, reject
-    from ..video.data import VideoError, read_video
+    from ..datasets.records import DataError, SkipReport, check_policy, jsonl_rows, reject
+    from ..datasets.video import VideoError, read_video
 
-    _check_policy(bad_rows)
+    check_policy(bad_rows)
     folder = Path(folder)
     meta = folder / samples_file
     if not meta.is_file():

@@ -2,7 +2,7 @@
 CIs, and the win rate (W/T/L) of one scalar reward per prompt."""
 from __future__ import annotations
 
-from .stats import paired_gain_ci, win_rate
+from ..core.stats import paired_gain_ci, win_rate
 
 
 def compare_scores(after: list[dict], before: list[dict], reward) -> dict:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..datasets.shapeworld import Scene, degrade, render_scene, sample_scenes
-from .stats import bootstrap_ci
+from ..core.stats import bootstrap_ci
 
 RETRIEVAL_SEED = 40_000  # held-out scenes for retrieval (apart from the demo's and the VQA benchmark's seeds)
 

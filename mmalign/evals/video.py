@@ -1,6 +1,6 @@
 """Video evaluators (VBench-style), pure functions of frames and the feature encoders passed in.
 
-A clip is anything `mmalign.video.data.read_video` takes (a uint8 (F, H, W, 3) array, a list of PIL images, a
+A clip is anything `mmalign.datasets.video.read_video` takes (a uint8 (F, H, W, 3) array, a list of PIL images, a
 file or frame folder). An image encoder maps a list of PIL images to (N, D) features (`ClipBackbone.
 image_embeddings` from `mmalign.evals.clip_backbone`, or any callable: a DINO-style model for subjects); a text
 encoder maps captions to (N, D). Features are L2-normalised here, so cos = dot product.
@@ -24,10 +24,10 @@ import numpy as np
 from PIL import Image
 
 from ..datasets.shapeworld.video import parse_motion_caption, score_motion
-from ..video.data import read_video
+from ..datasets.video import read_video
 from .results import TaskResult, write_results
 from .retrieval_video import retrieval_metrics
-from .stats import bootstrap_ci
+from ..core.stats import bootstrap_ci
 
 MOTION_METRICS = {"direction_accuracy": "direction_ok", "colour_consistency": "colour_consistent",
                   "shape_consistency": "shape_consistent", "motion_correct": "correct",

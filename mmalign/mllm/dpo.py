@@ -123,7 +123,7 @@ class MLLMDPO:
         return why is None
 
     def _reference_cache(self, rows) -> dict[int, torch.Tensor]:
-        from ..diffusion.cache import file_fingerprint, model_fingerprint
+        from ..datasets.cache import file_fingerprint, model_fingerprint
 
         d, m, o = self.cfg.data, self.cfg.model, self.cfg.objective
         path = Path(d.path)

@@ -148,7 +148,7 @@ def truncate(enc: Encoded, max_length: int | None, image_token: int | None = Non
                    {k: v[:max_length] for k, v in enc.token_inputs.items()})
 
 
-def _cat_images(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def cat_images(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Concatenate per-image tensors over rows, zero-padding trailing dims that differ (e.g. LLaVA-NeXT's
     patch count per image; the model unpads with image_sizes)."""
     out = {}
@@ -182,7 +182,7 @@ def pad_batch(rows: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
             if k in r.token_inputs:
                 token[k][i, :len(r.ids)] = torch.tensor(r.token_inputs[k])
     return {"input_ids": ids, "attention_mask": attn, "train_mask": mask, **token,
-            **_cat_images([r.image_inputs for r in rows])}
+            **cat_images([r.image_inputs for r in rows])}
 
 
 def pad_id_of(processor) -> int:

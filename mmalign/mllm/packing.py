@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .encoding import Encoded, _cat_images
+from .encoding import Encoded, cat_images
 from .logps import token_logps
 
 PACKABLE_MODEL_TYPES = ("llava", "llava_next")
@@ -74,7 +74,7 @@ def pack_batch(pairs: list[tuple[Encoded, Encoded]], pad_id: int) -> dict[str, t
         train[i, lp:lp + lc + lr] = torch.tensor(cm + rm)
         lens[i] = torch.tensor([lp, lc, lr])
     return {"input_ids": ids, "position_ids": pos, "segments": seg, "train_mask": train, "lengths": lens,
-            **_cat_images([c.image_inputs for c, _ in pairs])}
+            **cat_images([c.image_inputs for c, _ in pairs])}
 
 
 def packed_attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

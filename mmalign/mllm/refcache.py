@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..diffusion.cache import fingerprint
+from ..datasets.cache import fingerprint
 
 PART_ROWS = 256
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..datasets.shapeworld import Scene, render_scene, sample_scenes
 from ..datasets.shapeworld.vqa import CAPABILITIES, VQAItem, grade, make_vqa, pope_metrics
-from ..evals.stats import bootstrap_ci, paired_gain_ci
+from ..core.stats import bootstrap_ci, paired_gain_ci
 from .generate import generate_answers
 
 PAIRINGS = ("best", "all")

@@ -72,7 +72,7 @@ def shapeworld_clips(n: int, seed: int, num_frames: int, size: int) -> list[tupl
 def read_clip_folder(path: str, num_frames: int, bad_rows: str) -> tuple[list[tuple[str, np.ndarray]], SkipReport]:
     """(caption, frames) of a metadata.jsonl folder (file_name: a video `read_video` takes, text); a clip that
     cannot give `num_frames` frames is a counted skip (or a DataError under bad_rows='error')."""
-    from .data import VideoError, read_video
+    from ..datasets.video import VideoError, read_video
 
     rows, report = read_caption_folder(path, bad_rows)
     clips = []

@@ -101,7 +101,7 @@ def _summary(scores: list[dict]) -> dict[str, list[float]]:
 
 
 def _write_samples(out: Path, models: dict, prompts, seeds) -> None:
-    from .data import write_gif
+    from ..datasets.video import write_gif
 
     with open(out / "samples.jsonl", "w") as f:
         for name, (clips, scores) in models.items():
@@ -124,9 +124,9 @@ def run_video_demo(out, settings: VideoDemoSettings | None = None) -> dict:
     from ..core.trainer import train
     from ..demo import BASE_PIPELINE
     from ..evals.results import TaskResult, write_results
-    from ..evals.stats import bootstrap_ci, paired_gain_ci
+    from ..core.stats import bootstrap_ci, paired_gain_ci
     from .methods import VideoConfig, VideoDataConfig, VideoDiffusionDPO, VideoModelConfig, VideoObjectiveConfig
-    from .data import write_video_pairs_jsonl
+    from ..datasets.video import write_video_pairs_jsonl
     from .sampling import video_pipeline
 
     s = settings or VideoDemoSettings()

@@ -236,7 +236,7 @@ def video_dpo_errors(policy_fn, ref_fn, scheduler, lat_w: torch.Tensor, lat_l: t
 
 
 class VideoDiffusionDPO(VideoMethod):
-    """Video Diffusion-DPO. Data: `data.path` read by `mmalign.video.data.read_video_pairs`, or in memory
+    """Video Diffusion-DPO. Data: `data.path` read by `mmalign.datasets.video.read_video_pairs`, or in memory
     `data=[(caption, frames_w, frames_l), ...]`."""
 
     needs_reference = True
@@ -246,7 +246,7 @@ class VideoDiffusionDPO(VideoMethod):
         if self.data is not None:
             pairs, report = list(self.data), SkipReport(total=len(self.data), kept=len(self.data))
         elif d.path:
-            from .data import read_video_pairs
+            from ..datasets.video import read_video_pairs
 
             recs, report = read_video_pairs(d.path, d.num_frames, bad_rows=d.bad_rows, ties=d.ties)
             pairs = [(r.caption, r.frames_w, r.frames_l) for r in recs]

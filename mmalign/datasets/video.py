@@ -27,8 +27,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageSequence
 
-from ..datasets.pairs import _Bad, _label, _rows, captioned_rows, check_ties, tie_left_out
-from ..datasets.records import DataError, SkipReport, _check_policy, reject
+from .pairs import BadRow, pair_label, source_rows, captioned_rows, check_ties, tie_left_out
+from .records import DataError, SkipReport, check_policy, reject
 
 CONTAINER_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -194,7 +194,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, Any, Path]]:
         for row in reader:
             clean = {k: (v if v != "" else None) for k, v in row.items() if k is not None}
             if None in row:  # more cells than header columns
-                yield f"{path}:{reader.line_num}", _Bad("more cells than header columns"), path.parent
+                yield f"{path}:{reader.line_num}", BadRow("more cells than header columns"), path.parent
                 continue
             if isinstance(clean.get("label_0"), str):
                 try:
@@ -207,7 +207,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, Any, Path]]:
 def _pair_rows(source: Any) -> Iterator[tuple[str, Any, Path | None]]:
     if isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".csv" and Path(source).is_file():
         return _csv_rows(Path(source))
-    return _rows(source, image_columns=None, jsonl_names=("metadata.jsonl", "pairs.jsonl"))
+    return source_rows(source, image_columns=None, jsonl_names=("metadata.jsonl", "pairs.jsonl"))
 
 
 def _video_path(value: Any, root: Path | None, col: str) -> Path | str:
@@ -223,7 +223,7 @@ def read_video_pairs(source: Any, n_frames: int | None, stride: int = 1, bad_row
                      start: int = 0) -> tuple[list[VideoPairRecord], SkipReport]:
     """Valid, non-tied pairs of `source` with both videos decoded (oriented preferred/rejected), and a report of
     every row left out (kept + skipped == total)."""
-    _check_policy(bad_rows)
+    check_policy(bad_rows)
     _check_sampling(n_frames, stride, start)
     check_ties(ties)
     report, out = SkipReport(), []
@@ -231,7 +231,7 @@ def read_video_pairs(source: Any, n_frames: int | None, stride: int = 1, bad_row
         if any(row.get(c) is not None for c in _NATIVE):
             cols, label = _NATIVE, 1.0
         elif any(row.get(c) is not None for c in _LABELLED):
-            cols, label = _LABELLED, _label(row.get("label_0"))
+            cols, label = _LABELLED, pair_label(row.get("label_0"))
             if label is None:
                 reject(report, bad_rows, "label_0 missing or not 0, 0.5 or 1", where)
                 continue
