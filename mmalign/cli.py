@@ -10,7 +10,7 @@ from pathlib import Path
 def cmd_train(a) -> None:
     from .core.config import ConfigError, load_experiment, read_method_name
     from .core.trainer import train
-    from .methods import method_class
+    from .core.registry import method_class
 
     try:
         cls = method_class(read_method_name(a.config, a.overrides))
@@ -33,7 +33,7 @@ def cmd_data_shapeworld(a) -> None:
 def cmd_sample(a) -> None:
     from diffusers import StableDiffusionPipeline
 
-    from .demo import save_samples
+    from .demo.diffusion import save_samples
     from .diffusion.sampling import sample_images
     from .evals.grid import image_grid
 
@@ -86,15 +86,15 @@ def cmd_data_best_of_n(a) -> None:
 
 
 def cmd_demo(a) -> None:
-    from .demo import DEMO_RECIPES, DemoSettings, comparison_table, format_results, run_demo
-    from .demo_evals import diffusion_evals, mllm_evals, write_demo_report
+    from .demo.diffusion import DEMO_RECIPES, DemoSettings, comparison_table, format_results, run_demo
+    from .demo.evals import diffusion_evals, mllm_evals, write_demo_report
 
     parts = [p for p in a.parts.split(",") if p]
     unknown = sorted(set(parts) - {"diffusion", "mllm", "video"})
     if unknown or not parts:
         sys.exit(f"--parts: unknown part(s) {unknown}; use diffusion, mllm, video (comma-separated)")
     if "mllm" in parts:  # refuse a bad MLLM model before the long diffusion part
-        from .mllm.demo import MLLMDemoSettings, format_mllm_results, run_mllm_demo
+        from .demo.mllm import MLLMDemoSettings, format_mllm_results, run_mllm_demo
         if not Path(a.mllm_model).is_dir():
             sys.exit(f"--mllm-model: {a.mllm_model} is not a model directory")
     if "diffusion" in parts:
@@ -117,7 +117,7 @@ def cmd_demo(a) -> None:
             for path in mllm_evals(Path(a.out) / "mllm"):
                 print(f"MM-Vet-style results (rule judge): {path}")
     if "video" in parts:  # not in the default: it does not fit the demo's 10-minute budget on 2 CPU cores
-        from .video.demo import format_video_results, run_video_demo
+        from .demo.video import format_video_results, run_video_demo
         video = run_video_demo(Path(a.out))
         print(format_video_results(video))
     if not a.no_evals:
@@ -128,7 +128,7 @@ SCORER_NAMES = ("exact_match", "shapeworld_vqa")  # mmalign.mllm.rejection.SCORE
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import ASSETS, BASE_PIPELINE
+    from .assets import SHAPEWORLD_LLAVA, SHAPEWORLD_SD
 
     ap = argparse.ArgumentParser(prog="mmalign", description="Preference alignment workbench for multimodal models.")
     sub = ap.add_subparsers(dest="verb", required=True)
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Sample a pipeline N times per prompt with fixed seeds, score every sample, and "
                                     "write best-vs-worst pairs in the Pick-a-Pic format (jsonl + images).")
     q.add_argument("--out", required=True)
-    q.add_argument("--model", default=str(BASE_PIPELINE), help="pipeline directory or hub id")
+    q.add_argument("--model", default=str(SHAPEWORLD_SD), help="pipeline directory or hub id")
     q.add_argument("--prompts-file", help="one prompt per line (default: ShapeWorld training-split captions)")
     q.add_argument("--n", type=int, default=256, help="ShapeWorld prompts when no --prompts-file")
     q.add_argument("--per-prompt", type=int, default=4)
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate images for prompts with fixed seeds",
                        description="Sample a StableDiffusionPipeline-format model with fixed seeds.")
-    p.add_argument("--model", default=str(BASE_PIPELINE), help="pipeline directory or hub id")
+    p.add_argument("--model", default=str(SHAPEWORLD_SD), help="pipeline directory or hub id")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="one prompt per line")
     p.add_argument("--per-prompt", type=int, default=1)
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sample the shipped ShapeWorld base on held-out captions, build on-policy pairs, "
                                    "train preference methods, and compare on the same prompts and seeds.")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--model", default=str(BASE_PIPELINE))
+    p.add_argument("--model", default=str(SHAPEWORLD_SD))
     p.add_argument("--methods", default="diffusion_dpo",
                    help="comma-separated pair methods, 'all' (the comparison table) or 'none' (base only)")
     p.add_argument("--n", type=int, default=512, help="held-out prompts (one sample each)")
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", default="diffusion,mllm",
                    help="which parts to run, comma-separated: diffusion, mllm, video (video is opt-in: it adds "
                         "about 15 minutes on 2 CPU cores)")
-    p.add_argument("--mllm-model", default=str(ASSETS / "shapeworld_llava"))
+    p.add_argument("--mllm-model", default=str(SHAPEWORLD_LLAVA))
     p.add_argument("--mllm-train-steps", type=int, default=300)
     p.add_argument("--no-evals", action="store_true",
                    help="skip the evaluator pass (CLIPScore comparisons, MM-Vet-style results) and report.html")

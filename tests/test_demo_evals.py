@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from mmalign.demo_evals import mllm_evals, write_demo_report
-from mmalign.mllm.demo import MLLMDemoSettings, run_mllm_demo
+from mmalign.demo.evals import mllm_evals, write_demo_report
+from mmalign.demo.mllm import MLLMDemoSettings, run_mllm_demo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

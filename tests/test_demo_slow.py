@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from mmalign.demo import run_demo
+from mmalign.demo.diffusion import run_demo
 
 
 @pytest.mark.slow

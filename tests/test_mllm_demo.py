@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mmalign.mllm.demo import MLLMDemoSettings, format_mllm_results, run_mllm_demo
+from mmalign.demo.mllm import MLLMDemoSettings, format_mllm_results, run_mllm_demo
 
 
 def test_mllm_demo_pipeline_on_a_random_model(tiny_llava_dir, tmp_path):

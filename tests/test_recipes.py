@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from mmalign.core.config import load_experiment, read_method_name
-from mmalign.methods import METHODS, PAIR_METHOD_NAMES, method_class
+from mmalign.core.registry import METHODS, PAIR_METHOD_NAMES, method_class
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"

@@ -4,7 +4,7 @@ import pytest
 from diffusers import StableDiffusionPipeline
 
 from mmalign.datasets.shapeworld import score_image
-from mmalign.demo import BASE_PIPELINE, heldout_prompts
+from mmalign.demo.diffusion import BASE_PIPELINE, heldout_prompts
 from mmalign.diffusion.sampling import sample_images
 
 

@@ -1,4 +1,4 @@
-"""The ShapeWorld video demo (mmalign.video.demo): caption split, reward, and a miniature end-to-end run on the
+"""The ShapeWorld video demo (mmalign.demo.video): caption split, reward, and a miniature end-to-end run on the
 shipped base and motion adapter."""
 import json
 
@@ -6,7 +6,7 @@ import pytest
 
 from mmalign.evals.results import read_results
 from mmalign.datasets.video import read_video, read_video_pairs
-from mmalign.video.demo import (VideoDemoSettings, format_video_results, frame_consistency, motion_captions,
+from mmalign.demo.video import (VideoDemoSettings, format_video_results, frame_consistency, motion_captions,
                                 motion_reward, run_video_demo)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

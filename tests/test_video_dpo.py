@@ -12,7 +12,7 @@ from mmalign.core.config import ConfigError, Experiment, TrainConfig, load_exper
 from mmalign.core.trainer import train
 from mmalign.datasets.shapeworld.video import sample_clip, write_clip
 from mmalign.diffusion.losses import diffusion_dpo_loss
-from mmalign.methods import method_class
+from mmalign.core.registry import method_class
 from mmalign.video.methods import (SharedFrozenCopy, VideoConfig, VideoDataConfig, VideoDenoiser, VideoDiffusionDPO,
                                    VideoModelConfig, VideoTemporalTraining, video_dpo_errors)
 from mmalign.video.temporal import inflate

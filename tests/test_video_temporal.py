@@ -180,8 +180,8 @@ def test_spatial_lora_ships_as_a_fused_image_unet_next_to_the_adapter(unet, inpu
 
 
 def test_shipped_motion_adapter_loads_offline_and_generates_8_frames():
-    from mmalign.demo import BASE_PIPELINE
-    from mmalign.video.demo import MOTION_ADAPTER
+    from mmalign.demo.diffusion import BASE_PIPELINE
+    from mmalign.demo.video import MOTION_ADAPTER
 
     extra = ({"unet": UNet2DConditionModel.from_pretrained(MOTION_ADAPTER / SPATIAL_UNET)}
              if (MOTION_ADAPTER / SPATIAL_UNET).is_dir() else {})

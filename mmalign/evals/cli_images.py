@@ -1,6 +1,6 @@
 """`mmalign eval images` and `mmalign eval compare`: CLIP-family scores of sample folders, and paired comparisons.
 
-A sample folder is what `mmalign.demo.save_samples` writes: ``samples.jsonl`` (rows ``file_name``, ``prompt``,
+A sample folder is what `mmalign.demo.diffusion.save_samples` writes: ``samples.jsonl`` (rows ``file_name``, ``prompt``,
 ``seed``) and the images it names; the run's ``samples/`` sub-folder itself may be given. Torch is imported
 only inside the commands.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-SHIPPED_CLIP = Path(__file__).resolve().parents[1] / "assets" / "shapeworld_clip"
+from ..assets import SHAPEWORLD_CLIP as SHIPPED_CLIP
 SCORER_CHOICES = ("clipscore", "pickscore", "hpsv2", "aesthetic")  # mmalign.evals.clip_scorers.SCORERS
 MIN_BOOT = 1000
 

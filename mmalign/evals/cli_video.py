@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-DEFAULT_CLIP = Path(__file__).resolve().parent.parent / "assets" / "shapeworld_clip"
+from ..assets import SHAPEWORLD_CLIP as DEFAULT_CLIP
 CAPTION_KEYS = ("prompt", "text", "caption")
 
 

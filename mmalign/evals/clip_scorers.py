@@ -18,7 +18,7 @@ from torch import nn
 
 from .clip_backbone import ClipBackbone, load_backbone, load_checked
 
-SHIPPED_CLIP = Path(__file__).resolve().parents[1] / "assets" / "shapeworld_clip"
+from ..assets import SHAPEWORLD_CLIP as SHIPPED_CLIP
 SCORERS = ("clipscore", "pickscore", "hpsv2", "aesthetic")
 # Architecture a bare weights file is read with when none is given (what the public weights were trained on).
 DEFAULT_ARCH = {"hpsv2": "ViT-H-14", "aesthetic": "ViT-L-14-quickgelu"}

@@ -15,8 +15,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-MOTION_ADAPTER = ASSETS / "shapeworld_motion"
+from ..assets import SHAPEWORLD_MOTION, SHAPEWORLD_SD
+MOTION_ADAPTER = SHAPEWORLD_MOTION
 EVAL_SEED = 40_000
 PAIR_SEED = 50_000
 
@@ -63,7 +63,7 @@ def frame_consistency(scores: dict) -> float:
 
 def _sample_and_score(pipe, prompts, seeds, s: VideoDemoSettings):
     from ..datasets.shapeworld.video import score_motion
-    from .sampling import sample_videos
+    from ..video.sampling import sample_videos
 
     clips = sample_videos(pipe, prompts, seeds, num_frames=8, steps=s.steps, guidance=s.guidance)
     return clips, [score_motion(c, p) for c, p in zip(clips, prompts)]
@@ -122,12 +122,12 @@ def run_video_demo(out, settings: VideoDemoSettings | None = None) -> dict:
     (pairs 350, train 313, eval 275)."""
     from ..core.config import Experiment, TrainConfig
     from ..core.trainer import train
-    from ..demo import BASE_PIPELINE
+    BASE_PIPELINE = SHAPEWORLD_SD
     from ..evals.results import TaskResult, write_results
     from ..core.stats import bootstrap_ci, paired_gain_ci
-    from .methods import VideoConfig, VideoDataConfig, VideoDiffusionDPO, VideoModelConfig, VideoObjectiveConfig
+    from ..video.methods import VideoConfig, VideoDataConfig, VideoDiffusionDPO, VideoModelConfig, VideoObjectiveConfig
     from ..datasets.video import write_video_pairs_jsonl
-    from .sampling import video_pipeline
+    from ..video.sampling import video_pipeline
 
     s = settings or VideoDemoSettings()
     out = Path(out) / "video"

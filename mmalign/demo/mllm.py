@@ -9,9 +9,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..demo import ASSETS
+from ..assets import SHAPEWORLD_LLAVA
 
-MLLM_BASE = ASSETS / "shapeworld_llava"
+MLLM_BASE = SHAPEWORLD_LLAVA
 MLLM_HELDOUT_SEED = 40_000  # held-out scenes for evaluation
 MLLM_PAIR_SEED = 50_000  # training-split scenes the on-policy answers are sampled for
 
@@ -35,8 +35,8 @@ class MLLMDemoSettings:
 def _dpo(model: str, pairs_dir: Path, out: Path, s: MLLMDemoSettings) -> float:
     from ..core.config import Experiment, TrainConfig
     from ..core.trainer import train
-    from .dpo import DPOObjective, MLLMDPO, VLDPOConfig, VLPairDataConfig
-    from .models import VLModelConfig
+    from ..mllm.dpo import DPOObjective, MLLMDPO, VLDPOConfig, VLPairDataConfig
+    from ..mllm.models import VLModelConfig
 
     cfg = VLDPOConfig(model=VLModelConfig(pretrained=str(model), reference="cache"),
                       data=VLPairDataConfig(path=str(pairs_dir), ref_cache_dir=str(out / "ref_cache")),
@@ -50,8 +50,8 @@ def _dpo(model: str, pairs_dir: Path, out: Path, s: MLLMDemoSettings) -> float:
 
 
 def run_mllm_demo(out: str | Path, model: str | Path = MLLM_BASE, settings: MLLMDemoSettings | None = None) -> dict:
-    from .models import load_vlm
-    from .shapeworld import compare_vqa, evaluate_vqa, onpolicy_vqa_pairs, vqa_benchmark
+    from ..mllm.models import load_vlm
+    from ..mllm.shapeworld import compare_vqa, evaluate_vqa, onpolicy_vqa_pairs, vqa_benchmark
 
     s = settings or MLLMDemoSettings()
     out = Path(out)
@@ -83,7 +83,7 @@ def run_mllm_demo(out: str | Path, model: str | Path = MLLM_BASE, settings: MLLM
 
 
 def format_mllm_results(results: dict) -> str:
-    from .shapeworld import format_comparison
+    from ..mllm.shapeworld import format_comparison
 
     c, p = results["comparison"], results["pairs"]
     pope = c["pope"]

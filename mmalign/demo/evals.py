@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def _run_cli(argv: list[str]) -> None:
-    from .cli import build_parser
+    from ..cli import build_parser
 
     a = build_parser().parse_args(argv)
     a.fn(a)
@@ -33,8 +33,8 @@ def diffusion_evals(out: Path, methods) -> list[Path]:
 
 
 def _bench_items(rows: list[dict]):
-    from .evals.cli_mllm import SHAPEWORLD_TAGS
-    from .evals.mmvet import BenchItem
+    from ..evals.cli_mllm import SHAPEWORLD_TAGS
+    from ..evals.mmvet import BenchItem
 
     return [BenchItem(id=f"q{i:05d}", question=r["question"], answer=r["truth"],
                       capabilities=tuple(SHAPEWORLD_TAGS[r["capability"]]), category=r["capability"],
@@ -43,10 +43,10 @@ def _bench_items(rows: list[dict]):
 
 def mllm_evals(mllm_out: Path) -> list[Path]:
     """MM-Vet-style (rule judge) and POPE results for the base and aligned answers the demo saved."""
-    from .cli import build_parser
-    from .evals.cli_mllm import eval_mmvet, paired_comparison
-    from .evals.judges import RuleJudge
-    from .evals.results import write_results
+    from ..cli import build_parser
+    from ..evals.cli_mllm import eval_mmvet, paired_comparison
+    from ..evals.judges import RuleJudge
+    from ..evals.results import write_results
 
     a = build_parser().parse_args(["eval", "mllm", "--model", "demo", "--bench", "demo", "--judge", "rule"])
     judge, paths, scores = RuleJudge(), [], {}
@@ -70,6 +70,6 @@ def mllm_evals(mllm_out: Path) -> list[Path]:
 
 
 def write_demo_report(out: Path) -> Path:
-    from .evals.report import write_report
+    from ..evals.report import write_report
 
     return write_report([out], out / "report.html")

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from .datasets.shapeworld import sample_scenes, score_image
-from .evals.grid import image_grid
-from .core.stats import bootstrap_ci
+from ..datasets.shapeworld import sample_scenes, score_image
+from ..evals.grid import image_grid
+from ..core.stats import bootstrap_ci
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-BASE_PIPELINE = ASSETS / "shapeworld_sd"
+from ..assets import SHAPEWORLD_SD
+BASE_PIPELINE = SHAPEWORLD_SD
 HELDOUT_SEED = 20_000  # held-out evaluation scenes (captions never seen in training)
 PAIR_SEED = 30_000  # training-split captions the on-policy pairs are sampled for
 
@@ -90,7 +90,7 @@ def _load(model):
 
 
 def evaluate(pipe, prompts, seeds, out: Path, s: DemoSettings, guidance: float | None = None) -> tuple[list, dict]:
-    from .diffusion.sampling import sample_images
+    from ..diffusion.sampling import sample_images
 
     t0 = time.time()
     images = sample_images(pipe, prompts, seeds, steps=s.steps, guidance=s.guidance if guidance is None else guidance)
@@ -102,10 +102,10 @@ def evaluate(pipe, prompts, seeds, out: Path, s: DemoSettings, guidance: float |
 
 def train_method(name: str, model, pairs_dir: Path, out: Path, s: DemoSettings) -> float:
     """Train one pair method with its demo recipe; returns wall seconds (data encoding included)."""
-    from .core.config import Experiment, TrainConfig, from_dict
-    from .core.trainer import train
-    from .diffusion.preference import PreferenceConfig
-    from .methods import method_class
+    from ..core.config import Experiment, TrainConfig, from_dict
+    from ..core.trainer import train
+    from ..diffusion.preference import PreferenceConfig
+    from ..core.registry import method_class
 
     recipe = DEMO_RECIPES.get(name, {})
     n_pairs = sum(1 for _ in open(pairs_dir / "metadata.jsonl"))
@@ -121,8 +121,8 @@ def train_method(name: str, model, pairs_dir: Path, out: Path, s: DemoSettings) 
 
 
 def run_demo(out: str | Path, model: str | Path = BASE_PIPELINE, settings: DemoSettings | None = None) -> dict:
-    from .diffusion.onpolicy import make_onpolicy_pairs, reward_from_scores, shapeworld_reward
-    from .evals.compare import compare_scores
+    from ..diffusion.onpolicy import make_onpolicy_pairs, reward_from_scores, shapeworld_reward
+    from ..evals.compare import compare_scores
 
     s = settings or DemoSettings()
     unknown = [m for m in s.methods if m not in DEMO_RECIPES]
