@@ -85,7 +85,7 @@ def run_ours(a) -> dict:
         sync()
         encode_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        data = method.dataset()  # a second run on the same data: a cache hit
+        data, _ = method.dataset()  # a second run on the same data: a cache hit
         cache_load_s = time.perf_counter() - t0
         batch = method.collate([data[i] for i in range(len(data))])
         rss_before_steps = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

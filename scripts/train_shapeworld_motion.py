@@ -79,14 +79,14 @@ def direction_gap(adapter_dir: str, n: int, seed: int = EVAL_SEED, timesteps=(30
                (parse_motion_caption(c) for c, _ in clips)]
     cfg = VideoConfig(VideoModelConfig(pretrained=str(BASE), motion_adapter=adapter_dir),
                       VideoDataConfig(num_frames=8))
-    with tempfile.TemporaryDirectory() as tmp:  # the method's data_report.json goes there
+    with tempfile.TemporaryDirectory() as tmp:  # the method's output_dir (nothing is written there)
         method = VideoTemporalTraining(cfg, tmp, data=clips)
         policy = method.build(DEVICE)
-        rows = method.dataset()
+        rows, _ = method.dataset()
     batch = {k: v.to(method.device) for k, v in method.collate([rows[i] for i in range(len(rows))]).items()}
     x0 = batch["mean"] * method.parts.vae.config.scaling_factor
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
-    ctx = {"true": batch["ctx"], "swapped": method._text(swapped)}
+    ctx = {"true": batch["ctx"], "swapped": method.encode_captions(swapped)}
     sched, out = method.parts.noise_scheduler, {}
     for t in timesteps:
         tt = torch.full((n,), t, device=x0.device)

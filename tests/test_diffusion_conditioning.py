@@ -137,7 +137,7 @@ def test_sdxl_lora_export_loads_with_load_lora_weights(tiny_sdxl_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
     from peft import LoraConfig
 
-    from mmalign.diffusion.sft import save_unet_lora
+    from mmalign.diffusion.lora import save_unet_lora
 
     parts = load_sd_components(str(tiny_sdxl_dir))
     unet, x, t, cond = _sdxl_inputs(parts)

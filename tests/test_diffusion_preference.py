@@ -12,11 +12,12 @@ from mmalign.core.config import load_experiment
 from mmalign.core.trainer import train
 from mmalign.datasets.pairs import write_pairs_jsonl
 from mmalign.datasets.shapeworld import render_scene, sample_scenes
-from mmalign.diffusion.objectives import PAIR_METHODS, DiffusionDPO, InPO, _EpsModel
+from mmalign.core.registry import PAIR_METHOD_NAMES, method_class
+from mmalign.diffusion.objectives import DiffusionDPO, EpsModel, InPO
 from mmalign.diffusion.inversion import ddim_invert, inversion_grid
 from mmalign.diffusion.preference import PreferenceConfig
 
-METHODS = sorted(PAIR_METHODS)
+METHODS = sorted(PAIR_METHOD_NAMES)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def run(tmp_path, pipe, data_path, method, steps=2, name="run", **sections):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     exp = load_experiment(str(path), [], PreferenceConfig)
-    method_obj = PAIR_METHODS[method](exp.args, exp.output_dir)
+    method_obj = method_class(method)(exp.args, exp.output_dir)
     return train(exp, method_obj), method_obj
 
 
@@ -157,11 +158,11 @@ def test_inpo_batched_inversion_equals_each_pair_alone(tmp_path, tiny_sd_dir, pa
     t = torch.tensor([950, 120, 480, 7])
     grid = inversion_grid(1000, 10)
     noise = torch.randn(4, len(grid) + 1, *x0.shape[1:])
-    eps = _EpsModel(policy, cond, "epsilon", m.abar)
+    eps = EpsModel(policy, cond, "epsilon", m.abar)
     with torch.no_grad():
         together = ddim_invert(eps, x0, t, m.abar, grid, 0.1, noise, rows_aware=True)
         for i in range(4):
-            alone = _EpsModel(policy, {k: v[i:i + 1] for k, v in cond.items()}, "epsilon", m.abar)
+            alone = EpsModel(policy, {k: v[i:i + 1] for k, v in cond.items()}, "epsilon", m.abar)
             one = ddim_invert(alone, x0[i:i + 1], t[i:i + 1], m.abar, grid, 0.1, noise[i:i + 1], rows_aware=True)
             assert torch.allclose(together[i:i + 1], one, atol=1e-5), i
 

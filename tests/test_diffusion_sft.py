@@ -124,12 +124,12 @@ def test_random_flip_keeps_captions_aligned_with_latents(tmp_path, tiny_sd_dir, 
     exp = load_experiment(recipe, [], SFTConfig)
     flip = DiffusionSFT(exp.args, exp.output_dir)
     flip.build(torch.device("cpu"))
-    ds = flip.dataset()
+    ds, report = flip.dataset()
     exp.args.data.random_flip = False
     plain = DiffusionSFT(exp.args, str(tmp_path / "plain"))
     plain.build(torch.device("cpu"))
-    ref = plain.dataset()
-    assert len(ds) == 2 * len(ref) == 192 and flip.report.kept == 96
+    ref, _ = plain.dataset()
+    assert len(ds) == 2 * len(ref) == 192 and report.kept == 96
     # every cached row's text is the text of the image it was encoded from (flipped or not)
     for i in range(len(ref)):
         chunk, j = divmod(i, 7)

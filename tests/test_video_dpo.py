@@ -13,8 +13,9 @@ from mmalign.core.trainer import train
 from mmalign.datasets.shapeworld.video import sample_clip, write_clip
 from mmalign.diffusion.losses import diffusion_dpo_loss
 from mmalign.core.registry import method_class
-from mmalign.video.methods import (SharedFrozenCopy, VideoConfig, VideoDataConfig, VideoDenoiser, VideoDiffusionDPO,
-                                   VideoModelConfig, VideoTemporalTraining, video_dpo_errors)
+from mmalign.core.reference import SharedFrozenCopy
+from mmalign.video.methods import (VideoConfig, VideoDataConfig, VideoDenoiser, VideoDiffusionDPO, VideoModelConfig,
+                                   VideoTemporalTraining, video_dpo_errors)
 from mmalign.video.temporal import inflate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -167,9 +168,9 @@ def test_video_dpo_reads_pair_folders(tiny_sd_dir, tmp_path):
     cfg.data.path = str(data)
     method = VideoDiffusionDPO(cfg, str(tmp_path / "run"))
     method.build(torch.device("cpu"))
-    rows = method.dataset()
+    rows, report = method.dataset()
     assert len(rows) == 2 and rows[0]["mean_w"].shape == (4, F, 16, 16)
-    report = json.loads((tmp_path / "run/data_report.json").read_text())
+    report = report.to_dict()
     assert report["kept"] == 2 and report["skipped"] == {"video file not found": 1}
 
 

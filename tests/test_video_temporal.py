@@ -9,7 +9,8 @@ from diffusers import AnimateDiffPipeline, MotionAdapter, UNet2DConditionModel
 
 from mmalign.video.sampling import (SPATIAL_UNET, sample_videos, save_video_model, spatial_unet_from_video,
                                     video_pipeline)
-from mmalign.video.temporal import (MotionSpec, add_alpha_blend, add_lora, bcfhw_to_bfchw, bfchw_to_bcfhw,
+from mmalign.diffusion.lora import add_lora
+from mmalign.video.temporal import (LORA_PLACEMENTS, MotionSpec, add_alpha_blend, bcfhw_to_bfchw, bfchw_to_bcfhw,
                                     extract_adapter, fold_alpha_blend, from_frame_batch, inflate, motion_modules,
                                     repeat_per_frame, set_trainable, to_frame_batch, zero_motion_outputs)
 
@@ -88,7 +89,7 @@ def test_only_temporal_parameters_receive_gradients(unet, inputs):
 @pytest.mark.parametrize("where", ["spatial", "temporal"])
 def test_lora_placement_and_what_trains(unet, where):
     model = inflate(unet, spec=MotionSpec(heads=4))
-    add_lora(model, rank=2, where=where)
+    add_lora(model, rank=2, targets=LORA_PLACEMENTS[where])
     names = set_trainable(model, motion=False)
     assert names and all("lora_" in n for n in names)
     assert all(("motion_modules" in n) == (where == "temporal") for n in names)
@@ -125,7 +126,7 @@ def test_adapter_round_trip_keeps_the_full_config(unet, inputs, tmp_path):
     model = inflate(unet, spec=MotionSpec(heads=4, transformer_layers=2, max_frames=12))
     randomise_motion_outputs(model)
     add_alpha_blend(model, alpha=0.4, learned=True)
-    add_lora(model, rank=2, where="temporal")
+    add_lora(model, rank=2, targets=LORA_PLACEMENTS["temporal"])
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -159,7 +160,7 @@ def test_pipeline_directory_loads_in_animatediff_and_samples(unet, inputs, tiny_
 def test_spatial_lora_ships_as_a_fused_image_unet_next_to_the_adapter(unet, inputs, tiny_sd_dir, tmp_path):
     model = inflate(unet, spec=MotionSpec(heads=4))
     randomise_motion_outputs(model)
-    add_lora(model, rank=2, where="spatial")
+    add_lora(model, rank=2, targets=LORA_PLACEMENTS["spatial"])
     set_trainable(model)
     with torch.no_grad():
         for n, p in model.named_parameters():

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import torch
 
-KINDS = ("frozen_copy", "adapters_off", "none")
+KINDS = ("frozen_copy", "shared_frozen_copy", "adapters_off", "none")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -15,11 +15,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-class FrozenCopy:
-    """A deep copy of the policy taken at construction (call this before training/resume changes it)."""
+class SharedFrozenCopy:
+    """A frozen deep copy of the policy taken at construction (call this before training/resume changes it) that
+    shares the policy's frozen parameters instead of duplicating them: only what trains is copied."""
+
+    shares_frozen = True
 
     def __init__(self, policy: torch.nn.Module):
-        self.model = copy.deepcopy(unwrap(policy)).eval().requires_grad_(False)
+        model = unwrap(policy)
+        memo = {id(p): p for p in model.parameters() if not p.requires_grad} if self.shares_frozen else {}
+        self.model = copy.deepcopy(model, memo).eval().requires_grad_(False)
         self.policy = policy
 
     def __call__(self, fn: Callable[[torch.nn.Module], Any]) -> Any:
@@ -28,6 +33,12 @@ class FrozenCopy:
             self.model.to(device)
         with torch.no_grad():
             return fn(self.model)
+
+
+class FrozenCopy(SharedFrozenCopy):
+    """A deep copy of the whole policy (frozen parameters included) taken at construction."""
+
+    shares_frozen = False
 
 
 class AdaptersOff:
@@ -68,9 +79,12 @@ def _is_peft_model(model) -> bool:
 
 
 def make_reference(kind: str, policy: torch.nn.Module):
-    """kind: 'frozen_copy' (deep copy now), 'adapters_off' (policy with LoRA disabled), 'none' (error if called)."""
+    """kind: 'frozen_copy' (deep copy now), 'shared_frozen_copy' (deep copy of what trains, sharing the frozen
+    parameters), 'adapters_off' (policy with LoRA disabled), 'none' (error if called)."""
     if kind == "frozen_copy":
         return FrozenCopy(policy)
+    if kind == "shared_frozen_copy":
+        return SharedFrozenCopy(policy)
     if kind == "adapters_off":
         return AdaptersOff(policy)
     if kind == "none":

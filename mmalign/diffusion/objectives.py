@@ -1,13 +1,13 @@
 """The pair objectives for diffusion models, each a `DiffusionPreference` with its own `loss`.
 
-| method                 | what the policy sees                                   | loss (losses.py / inversion_dpo.py)  |
-|------------------------|--------------------------------------------------------|--------------------------------------|
-| diffusion_dpo          | one t and noise per pair, shared by winner and loser   | diffusion_dpo_loss                   |
-| diffusion_sft_winners  | winners only, plain denoising                          | sft_loss                             |
-| inpo                   | x_t from DDIM inversion of each image by the policy    | diffusion_dpo_loss on inpo_target    |
-| inversion_dpo          | the reference's deterministic inversion trajectory     | inversion_dpo_loss                   |
-| diffusion_cca          | winners under their caption and a rolled caption       | cca_loss                             |
-| diffusion_bco          | winners desirable, losers undesirable, unpaired        | bco_loss                             |
+| method                   | what the policy sees                                   | loss (losses.py / inversion_dpo.py)|
+|--------------------------|--------------------------------------------------------|------------------------------------|
+| diffusion_dpo            | one t and noise per pair, shared by winner and loser   | diffusion_dpo_loss                 |
+| diffusion_sft_winners    | winners only, plain denoising                          | sft_loss                           |
+| diffusion_inpo           | x_t from DDIM inversion of each image by the policy    | diffusion_dpo_loss on inpo_target  |
+| diffusion_inversion_dpo  | the reference's deterministic inversion trajectory     | inversion_dpo_loss                 |
+| diffusion_cca            | winners under their caption and a rolled caption       | cca_loss                           |
+| diffusion_bco            | winners desirable, losers undesirable, unpaired        | bco_loss                           |
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class DiffusionSFTWinners(DiffusionPreference):
         return sft_loss(per_sample_mse(pred, diffusion_target(sched, lat_w, noise, t)))
 
 
-class _EpsModel:
+class EpsModel:
     """Adapts a policy/reference call to the eps-predictor interface of inversion.py."""
 
     def __init__(self, fn, cond, prediction_type, abar):
@@ -84,7 +84,7 @@ class InPO(DiffusionPreference):
         x0 = torch.cat([lat_w, lat_l])
         noise = torch.randn(2 * n, len(grid) + 1, *x0.shape[1:], device=x0.device) if o.inversion_noise else None
         with torch.no_grad():
-            eps_policy = _EpsModel(policy, cond, sched.config.prediction_type, self.abar)
+            eps_policy = EpsModel(policy, cond, sched.config.prediction_type, self.abar)
             x_t = ddim_invert(eps_policy, x0, t, self.abar, grid, noise_scale=o.inversion_noise, noise=noise,
                               rows_aware=True)
         eps_hat = inpo_target(x_t, x0, self.abar[t])
@@ -105,11 +105,11 @@ class InversionDPO(DiffusionPreference):
         cond_w, cond_l = self.pair_cond(batch, view)
         kind, n = sched.config.prediction_type, len(lat_w)
         both = cat_cond(cond_w, cond_l)
-        ref_eps = _EpsModel(lambda x, t, c: self.ref_forward(x, t, c), both, kind, self.abar)
+        ref_eps = EpsModel(self.ref_forward, both, kind, self.abar)
         traj = inversion_trajectory(ref_eps, torch.cat([lat_w, lat_l]), self.abar, o.inversion_steps,
                                     sched.config.num_train_timesteps)  # winners and losers in one batch
         traj_w, traj_l = (Trajectory(traj.xs[:, k], traj.ts, traj.eps_ref[:, k]) for k in (slice(0, n), slice(n, None)))
-        policy_eps = _EpsModel(policy, both, kind, self.abar)
+        policy_eps = EpsModel(policy, both, kind, self.abar)
         return inversion_dpo_loss(policy_eps, traj_w, traj_l, lat_w, lat_l, self.abar, beta=o.beta)
 
 
@@ -126,10 +126,7 @@ class DiffusionCCA(DiffusionPreference):
         if n < 2:
             raise ValueError("diffusion_cca needs batch_size >= 2 (negatives are the other rows' captions)")
         neg = {k: (v if k == "time_ids" else v.roll(-1, dims=0)) for k, v in pos.items()}
-        if o.cca_uncond_ratio > 0:
-            null = torch.rand(n, device=lat.device) < o.cca_uncond_ratio
-            pos = {k: (v if k == "time_ids" else torch.where(null.view(-1, *[1] * (v.dim() - 1)),
-                                                             self.empty[k].to(v), v)) for k, v in pos.items()}
+        pos = self.drop_captions(pos, o.cca_uncond_ratio)  # null-condition positives (time_ids kept)
         noise = torch.randn_like(lat).repeat(2, 1, 1, 1)
         t = self.sample_t(n).repeat(2)
         x0 = lat.repeat(2, 1, 1, 1)
@@ -167,6 +164,3 @@ class DiffusionBCO(DiffusionPreference):
         self.delta = o.bco_delta_decay * self.delta + (1 - o.bco_delta_decay) * float(metrics["reward_mean"])
         return loss, {**metrics, "delta": self.delta}
 
-
-PAIR_METHODS = {"diffusion_dpo": DiffusionDPO, "diffusion_sft_winners": DiffusionSFTWinners, "inpo": InPO,
-                "inversion_dpo": InversionDPO, "diffusion_cca": DiffusionCCA, "diffusion_bco": DiffusionBCO}

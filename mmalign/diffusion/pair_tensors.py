@@ -55,7 +55,7 @@ def build_pair_tensors(parts: SDComponents, data_path: str, resolution: int, fli
     report_box: list[SkipReport] = []
 
     def compute():
-        t, report = _encode(parts, data_path, resolution, flips, ties, bad_rows, device, encode_batch, log)
+        t, report = _encode(parts, data_path, resolution, flips, ties, bad_rows, device, encode_batch)
         report_box.append(report)
         return t
 
@@ -85,7 +85,7 @@ def _report_from(d: dict) -> SkipReport:
 
 
 @torch.no_grad()
-def _encode(parts, data_path, resolution, flips, ties, bad_rows, device, encode_batch, log):
+def _encode(parts, data_path, resolution, flips, ties, bad_rows, device, encode_batch):
     records, report = read_pairs(data_path, ties=ties, bad_rows=bad_rows)
     views = (False, True) if flips else (False,)
     out = {k: [] for k in ("mean_w", "std_w", "mean_l", "std_l", "size_w", "size_l", "crop_w", "crop_l")}
@@ -129,7 +129,6 @@ def _encode(parts, data_path, resolution, flips, ties, bad_rows, device, encode_
     report.kept = kept
     if not kept:
         raise ValueError(f"{data_path}: no usable pairs ({report.summary()})")
-    log(f"data: {report.summary()}")
     unique = sorted(set(captions))
     index = {c: i for i, c in enumerate(unique)}
     t = {k: torch.cat(v) for k, v in out.items()}

@@ -6,17 +6,18 @@ Every method trains the UNet (full or LoRA) against frozen, cached text and imag
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
-from ..core.reference import KINDS, make_reference
+from ..core.config import ConfigError
+from ..datasets.records import SkipReport
+from .latent_method import LatentDiffusionMethod, UNetPolicy
+from .lora import ATTENTION_PROJECTIONS, add_lora
 from .pair_tensors import PairTensors, build_pair_tensors
-from .pipeline import SDComponents, denoise, load_sd_components, make_time_ids, pipeline_class
-from .sft import LORA_TARGETS, add_lora, save_unet_lora
+from .pipeline import denoise, make_time_ids
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -26,17 +27,17 @@ class PrefModelConfig:
     pretrained: str  # pipeline directory or hub id (SD1.5- or SDXL-format; detected)
     lora_rank: int = 0  # 0: full fine-tune of the UNet
     lora_alpha: int = 0  # 0: same as rank
-    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    reference: str = "frozen_copy"  # frozen_copy | adapters_off (needs lora_rank > 0)
-    dtype: str = "fp32"  # frozen weights' dtype: fp32 | bf16 | fp16 (LoRA only; adapters stay fp32; VAE fp32)
+    lora_targets: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
+    reference: Literal["frozen_copy", "adapters_off"] = "frozen_copy"  # adapters_off needs lora_rank > 0
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # frozen weights' dtype; below fp32 LoRA only (adapters, VAE fp32)
 
 
 @dataclass
 class PairDataConfig:
     path: str  # Pick-a-Pic-format pairs: jsonl / parquet / folder / HF datasets dir or hub id
     resolution: int = 0  # 0: the model's native resolution
-    ties: str = "drop"  # drop (counted) | error
-    bad_rows: str = "skip"  # skip (counted, reported) | error
+    ties: Literal["drop", "error"] = "drop"  # drop: counted
+    bad_rows: Literal["skip", "error"] = "skip"  # skip: counted, reported
     caption_dropout: float = 0.0  # per pair: both images lose the caption together (Salesforce: 0.2)
     random_flip: bool = False  # per pair: both images flipped together
     cache_dir: str = ".cache/mmalign"  # "" disables the persistent latent/text cache
@@ -63,79 +64,53 @@ class PreferenceConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
-class CondUNet(nn.Module):
+class CondUNet(UNetPolicy):
     """The policy: a UNet called with a conditioning dict (ctx, and for SDXL pooled + time_ids)."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         return denoise(self.unet, x_t.to(self.unet.conv_in.weight.dtype), t, cond)  # a bf16/fp16 frozen base
 
-    def disable_adapters(self):  # lets the adapters-off reference drive the wrapped UNet
-        self.unet.disable_adapters()
 
-    def enable_adapters(self):
-        self.unet.enable_adapters()
-
-
-class DiffusionPreference:
+class DiffusionPreference(LatentDiffusionMethod):
     """Base of the pair methods; a subclass defines `loss(policy, batch)` (see objectives.py)."""
 
     config_class = PreferenceConfig
     needs_reference = True
 
     def __init__(self, cfg: PreferenceConfig, output_dir: str):
-        self.cfg, self.output_dir = cfg, output_dir
-        self.parts: SDComponents | None = None
+        super().__init__(cfg, output_dir)
         m = cfg.model
-        if m.reference not in KINDS[:2]:
-            from ..core.config import ConfigError
-            raise ConfigError(f"model.reference: {m.reference!r} (use frozen_copy or adapters_off)")
         if m.reference == "adapters_off" and m.lora_rank == 0:
-            from ..core.config import ConfigError
             raise ConfigError("model.reference: adapters_off needs LoRA (model.lora_rank > 0)")
-        if m.dtype not in DTYPES or (m.dtype != "fp32" and m.lora_rank == 0):
-            from ..core.config import ConfigError
-            raise ConfigError(f"model.dtype: {m.dtype!r} — one of {', '.join(DTYPES)}; below fp32 only with LoRA "
-                              f"(a full fine-tune keeps fp32 master weights; use train.mixed_precision)")
+        if m.dtype != "fp32" and m.lora_rank == 0:
+            raise ConfigError(f"model.dtype: {m.dtype!r} only with LoRA (a full fine-tune keeps fp32 master weights; "
+                              f"use train.mixed_precision)")
 
     def build(self, device: torch.device) -> nn.Module:
         m = self.cfg.model
-        self.device = device
-        self.parts = p = load_sd_components(m.pretrained, DTYPES[m.dtype])
-        for enc in (p.vae, p.text_encoder, p.text_encoder_2):
-            if enc is not None:
-                enc.to(device).requires_grad_(False).eval()
+        p = self.load_parts(m.pretrained, device, DTYPES[m.dtype])
         if m.lora_rank > 0:
-            add_lora(p.unet, m)
+            add_lora(p.unet, m.lora_rank, m.lora_alpha, m.lora_targets)
             for q in p.unet.parameters():
                 if q.requires_grad:
                     q.data = q.data.float()  # trainable adapters in fp32 over a low-precision frozen base
         policy = CondUNet(p.unet)
-        self.ref = make_reference(m.reference, policy) if self.needs_reference else None
+        self.attach_reference(m.reference, policy)
         if self.ref is not None and hasattr(self.ref, "model"):
             self.ref.model.to(device)
         self.abar = p.noise_scheduler.alphas_cumprod.to(device)
         return policy
 
-    def dataset(self) -> PairTensors:
+    def dataset(self) -> tuple[PairTensors, SkipReport]:
         d = self.cfg.data
         res = d.resolution or self.parts.resolution
         self.data, report = build_pair_tensors(self.parts, d.path, res, d.random_flip, d.ties, d.bad_rows,
                                                self.device, d.cache_dir or None, d.encode_batch)
         self.resolution = res
         self.empty = self.data.empty_cond()
-        for enc in (self.parts.vae, self.parts.text_encoder, self.parts.text_encoder_2):
-            if enc is not None:  # everything they produce is cached: free the accelerator's memory
-                enc.to("cpu")
-        Path(self.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(self.output_dir) / "data_report.json").write_text(json.dumps(report.to_dict(), indent=1))
-        return self.data
-
-    def collate(self, rows: list[dict]) -> dict:
-        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        for enc in self.encoders():  # everything they produce is cached: free the accelerator's memory
+            enc.to("cpu")
+        return self.data, report
 
     # --- per-pair augmentation and conditioning ------------------------------------------------------------
 
@@ -144,21 +119,14 @@ class DiffusionPreference:
         n, views = batch["mean_w"].shape[:2]
         view = torch.randint(0, views, (n,), device=batch["mean_w"].device)
         pick = lambda x: x[torch.arange(n, device=x.device), view]  # noqa: E731
-        scale = self.parts.vae.config.scaling_factor
-        lat = [(pick(batch[f"mean_{s}"]) + pick(batch[f"std_{s}"]) * torch.randn_like(pick(batch[f"std_{s}"])))
-               * scale for s in ("w", "l")]
+        lat = [self.sample_latents(pick(batch[f"mean_{s}"]), pick(batch[f"std_{s}"])) for s in ("w", "l")]
         return lat[0], lat[1], view
 
     def pair_cond(self, batch: dict, view: torch.Tensor) -> tuple[dict, dict]:
         """(cond of winners, cond of losers): the same caption (dropped for both with caption_dropout) and, for
         SDXL, each image's own original size and crop."""
         n = len(view)
-        cond = {k: batch[k] for k in ("ctx", "pooled") if k in batch}
-        p = self.cfg.data.caption_dropout
-        if p > 0:
-            drop = torch.rand(n, device=view.device) < p
-            cond = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), self.empty[k].to(v), v)
-                    for k, v in cond.items()}
+        cond = self.drop_captions({k: batch[k] for k in ("ctx", "pooled") if k in batch}, self.cfg.data.caption_dropout)
         if "pooled" not in cond:
             return cond, dict(cond)
         target = (self.resolution, self.resolution)
@@ -167,23 +135,12 @@ class DiffusionPreference:
                for s in ("w", "l")]
         return {**cond, "time_ids": ids[0]}, {**cond, "time_ids": ids[1]}
 
-    def ref_forward(self, x_t, t, cond) -> torch.Tensor:
-        return self.ref(lambda model: model(x_t, t, cond))
-
-    def sample_t(self, n: int) -> torch.Tensor:
-        return torch.randint(0, self.parts.noise_scheduler.config.num_train_timesteps, (n,), device=self.device)
-
     # --- export --------------------------------------------------------------------------------------------
 
     def save_pretrained(self, policy: nn.Module, out_dir: str) -> None:
         """A full pipeline directory, or with LoRA the adapter alone in diffusers' format
         (`pipe.load_lora_weights(out_dir)`)."""
-        cls = pipeline_class(self.parts)
-        if self.cfg.model.lora_rank > 0:
-            save_unet_lora(cls, policy.unet, out_dir)
-            return
-        extra = {} if self.parts.is_sdxl else {"safety_checker": None, "requires_safety_checker": False}
-        cls.from_pretrained(self.cfg.model.pretrained, unet=policy.unet, **extra).save_pretrained(out_dir)
+        self.save_image_pipeline(policy.unet, out_dir)
 
 
 def cat_cond(*conds: dict) -> dict:

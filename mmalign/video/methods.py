@@ -10,27 +10,26 @@ every caption once (the frozen text encoder). A step draws one t per video and n
 | video_dpo      | (caption, preferred clip, rejected)    | diffusion_dpo_loss on per-video errors over (C, F, H, W),|
 |                |                                        | ONE t and noise per pair shared by both videos           |
 
-The Video-DPO reference is the model before DPO: a frozen copy of the trainable parts (`SharedFrozenCopy`: the
-frozen image weights are shared, not duplicated) or, when the video model trains through LoRA, the policy with
-its adapters off.
+The Video-DPO reference is the model before DPO: a frozen copy of the trainable parts (core.reference's
+`SharedFrozenCopy`: the frozen image weights are shared, not duplicated) or, when the video model trains through
+LoRA, the policy with its adapters off.
 """
 from __future__ import annotations
 
-import copy
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
 from ..core.config import ConfigError
-from ..core.reference import AdaptersOff, unwrap
 from ..datasets.records import SkipReport
+from ..diffusion.latent_method import LatentDiffusionMethod, UNetPolicy
+from ..diffusion.lora import add_lora
 from ..diffusion.losses import diffusion_dpo_loss, per_sample_mse, sft_loss
-from ..diffusion.pipeline import diffusion_target, encode_prompts, load_sd_components
+from ..diffusion.pipeline import diffusion_target, encode_prompts
 from .clips import TensorRows, encode_clips, read_clip_folder, shapeworld_clips
-from .temporal import MotionSpec, add_alpha_blend, add_lora, inflate, repeat_per_frame, set_trainable
+from .temporal import LORA_PLACEMENTS, MotionSpec, add_alpha_blend, inflate, repeat_per_frame, set_trainable
 
 
 @dataclass
@@ -40,12 +39,12 @@ class VideoModelConfig:
     motion_heads: int = 8  # fresh adapter: heads per motion module
     motion_layers: int = 1  # fresh adapter: temporal transformer layers per motion module
     max_frames: int = 32  # fresh adapter: frame-position table length
-    blend: str = "none"  # none | alpha (Video-LDM: alpha*z_spatial + (1-alpha)*z_temporal, alpha learned)
+    blend: Literal["none", "alpha"] = "none"  # alpha (Video-LDM): alpha*z_spatial + (1-alpha)*z_temporal, learned
     alpha_init: float = 0.5
     train_motion: bool = True  # the motion modules' own weights train (false: only LoRA / alpha)
     lora_rank: int = 0  # 0: no LoRA
-    lora_where: str = "spatial"  # spatial | cross (spatial cross-attention only) | temporal | both
-    reference: str = "frozen_copy"  # video_dpo: frozen_copy | adapters_off (training through LoRA only)
+    lora_where: Literal["spatial", "cross", "temporal", "both"] = "spatial"  # temporal.LORA_PLACEMENTS
+    reference: Literal["frozen_copy", "adapters_off"] = "frozen_copy"  # video_dpo; adapters_off: LoRA-only training
 
 
 @dataclass
@@ -56,8 +55,8 @@ class VideoDataConfig:
     num_frames: int = 8
     resolution: int = 0  # 0: the model's native resolution
     caption_dropout: float = 0.0  # per video (per pair for DPO: both videos together)
-    ties: str = "drop"
-    bad_rows: str = "skip"
+    ties: Literal["drop", "error"] = "drop"
+    bad_rows: Literal["skip", "error"] = "skip"
     encode_batch: int = 64  # frames per VAE call
 
 
@@ -73,58 +72,23 @@ class VideoConfig:
     objective: VideoObjectiveConfig = field(default_factory=VideoObjectiveConfig)
 
 
-class VideoDenoiser(nn.Module):
+class VideoDenoiser(UNetPolicy):
     """The policy: video latents (B, C, F, h, w), one timestep per video (B,), captions (B, L, D)."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         return self.unet(x_t, t, repeat_per_frame(ctx.to(x_t), x_t.shape[2])).sample
 
-    def disable_adapters(self):
-        self.unet.disable_adapters()
 
-    def enable_adapters(self):
-        self.unet.enable_adapters()
-
-
-class SharedFrozenCopy:
-    """Reference = the policy as built: a deep copy of its trainable parameters, sharing every frozen one
-    (the image UNet) with the policy instead of duplicating it."""
-
-    def __init__(self, policy: nn.Module):
-        memo = {id(p): p for p in policy.parameters() if not p.requires_grad}
-        self.model = copy.deepcopy(policy, memo).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.policy = policy
-
-    def __call__(self, fn):
-        device = next(unwrap(self.policy).parameters()).device
-        if next(self.model.parameters()).device != device:
-            self.model.to(device)
-        with torch.no_grad():
-            return fn(self.model)
-
-
-class VideoMethod:
+class VideoMethod(LatentDiffusionMethod):
     """Shared machinery (models, what trains, reference, caches, export); a subclass defines `dataset()` and
     `loss(policy, batch)`. `data`: in-memory rows instead of `cfg.data` (see the subclasses)."""
 
     config_class = VideoConfig
-    needs_reference = False
 
     def __init__(self, cfg: VideoConfig, output_dir: str, data: list | None = None):
-        self.cfg, self.output_dir, self.data = cfg, output_dir, data
+        super().__init__(cfg, output_dir)
+        self.data = data
         m = cfg.model
-        if m.blend not in ("none", "alpha"):
-            raise ConfigError(f"model.blend: {m.blend!r} (use none or alpha)")
-        if m.lora_where not in ("spatial", "cross", "temporal", "both"):
-            raise ConfigError(f"model.lora_where: {m.lora_where!r} (use spatial, cross, temporal or both)")
-        if m.reference not in ("frozen_copy", "adapters_off"):
-            raise ConfigError(f"model.reference: {m.reference!r} (use frozen_copy or adapters_off)")
         if m.reference == "adapters_off" and self.needs_reference and (m.lora_rank == 0 or m.train_motion
                                                                        or m.blend != "none"):
             raise ConfigError("model.reference: adapters_off needs everything that trains to be LoRA "
@@ -136,10 +100,7 @@ class VideoMethod:
         from diffusers import MotionAdapter
 
         m = self.cfg.model
-        self.device = device
-        self.parts = p = load_sd_components(m.pretrained)
-        for enc in (p.vae, p.text_encoder):
-            enc.to(device).requires_grad_(False).eval()
+        p = self.load_parts(m.pretrained, device)
         adapter = MotionAdapter.from_pretrained(m.motion_adapter) if m.motion_adapter else None
         if m.motion_adapter:
             from .sampling import shipped_spatial_unet
@@ -149,44 +110,28 @@ class VideoMethod:
         if m.blend == "alpha":
             add_alpha_blend(unet, m.alpha_init, learned=True)
         if m.lora_rank:
-            add_lora(unet, m.lora_rank, where=m.lora_where)
+            add_lora(unet, m.lora_rank, targets=LORA_PLACEMENTS[m.lora_where])
         self.trainable = set_trainable(unet, motion=m.train_motion)
         policy = VideoDenoiser(unet)
-        if self.needs_reference:
-            self.ref = AdaptersOff(policy) if m.reference == "adapters_off" else SharedFrozenCopy(policy)
+        # the frozen copy shares the frozen image weights with the policy instead of duplicating them
+        self.attach_reference("adapters_off" if m.reference == "adapters_off" else "shared_frozen_copy", policy)
         return policy
 
-    def _report(self, report: SkipReport) -> None:
-        Path(self.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(self.output_dir) / "data_report.json").write_text(json.dumps(report.to_dict(), indent=1))
-        if report.kept == 0:
-            raise ValueError(f"{self.cfg.data.path or 'in-memory data'}: no usable rows ({report.summary()})")
-
-    def _text(self, captions: list[str]) -> torch.Tensor:
-        self.empty = encode_prompts(self.parts, [""], self.device)["ctx"][0]
+    def encode_captions(self, captions: list[str]) -> torch.Tensor:
+        """Text embeddings (N, L, D) of `captions` (and the empty caption's, for caption dropout)."""
+        self.empty = {"ctx": encode_prompts(self.parts, [""], self.device)["ctx"][0]}
         return encode_prompts(self.parts, captions, self.device)["ctx"]
 
     @property
     def resolution(self) -> int:
         return self.cfg.data.resolution or self.parts.resolution
 
-    def collate(self, rows: list[dict]) -> dict:
-        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-
     def latents(self, batch: dict, side: str = "") -> torch.Tensor:
         """A fresh posterior sample, scaled: (B, C, F, h, w)."""
-        mean, std = batch[f"mean{side}"], batch[f"std{side}"]
-        return (mean + std * torch.randn_like(std)) * self.parts.vae.config.scaling_factor
+        return self.sample_latents(batch[f"mean{side}"], batch[f"std{side}"])
 
     def captions(self, batch: dict) -> torch.Tensor:
-        ctx, p = batch["ctx"], self.cfg.data.caption_dropout
-        if p > 0:
-            drop = torch.rand(len(ctx), device=ctx.device) < p
-            ctx = torch.where(drop.view(-1, 1, 1), self.empty.to(ctx), ctx)
-        return ctx
-
-    def sample_t(self, n: int, device) -> torch.Tensor:
-        return torch.randint(0, self.parts.noise_scheduler.config.num_train_timesteps, (n,), device=device)
+        return self.drop_captions({"ctx": batch["ctx"]}, self.cfg.data.caption_dropout)["ctx"]
 
     def save_pretrained(self, policy: nn.Module, out_dir: str) -> None:
         """`out_dir/motion_adapter` (MotionAdapter) and `out_dir/pipeline` (AnimateDiffPipeline directory)."""
@@ -199,7 +144,7 @@ class VideoTemporalTraining(VideoMethod):
     """Denoising loss on video latents; only the temporal parameters (motion modules, alpha, LoRA) train.
     In-memory data: `data=[(caption, frames), ...]`."""
 
-    def dataset(self) -> TensorRows:
+    def dataset(self) -> tuple[TensorRows, SkipReport]:
         d = self.cfg.data
         if self.data is not None:
             clips, report = list(self.data), SkipReport(total=len(self.data), kept=len(self.data))
@@ -210,10 +155,10 @@ class VideoTemporalTraining(VideoMethod):
             report = SkipReport(total=len(clips), kept=len(clips))
         else:
             raise ConfigError("data: set data.path or data.shapeworld_clips")
-        self._report(report)
+        self.require_rows(report, d.path or "in-memory data")
         mean, std = encode_clips(self.parts.vae, [f for _, f in clips], self.resolution, self.device, d.encode_batch,
                                  d.num_frames)
-        return TensorRows(mean=mean, std=std, ctx=self._text([c for c, _ in clips]))
+        return TensorRows(mean=mean, std=std, ctx=self.encode_captions([c for c, _ in clips])), report
 
     def loss(self, policy, batch):
         x0 = self.latents(batch)
@@ -241,7 +186,7 @@ class VideoDiffusionDPO(VideoMethod):
 
     needs_reference = True
 
-    def dataset(self) -> TensorRows:
+    def dataset(self) -> tuple[TensorRows, SkipReport]:
         d = self.cfg.data
         if self.data is not None:
             pairs, report = list(self.data), SkipReport(total=len(self.data), kept=len(self.data))
@@ -252,18 +197,17 @@ class VideoDiffusionDPO(VideoMethod):
             pairs = [(r.caption, r.frames_w, r.frames_l) for r in recs]
         else:
             raise ConfigError("data.path: video_dpo needs pairs (or in-memory data)")
-        self._report(report)
+        self.require_rows(report, d.path or "in-memory data")
         enc = lambda k: encode_clips(self.parts.vae, [p[k] for p in pairs], self.resolution,  # noqa: E731
                                      self.device, d.encode_batch, d.num_frames)
         (mw, sw), (ml, sl) = enc(1), enc(2)
-        return TensorRows(mean_w=mw, std_w=sw, mean_l=ml, std_l=sl, ctx=self._text([p[0] for p in pairs]))
+        return TensorRows(mean_w=mw, std_w=sw, mean_l=ml, std_l=sl,
+                          ctx=self.encode_captions([p[0] for p in pairs])), report
 
     def loss(self, policy, batch):
         lat_w, lat_l = self.latents(batch, "_w"), self.latents(batch, "_l")
         t = self.sample_t(len(lat_w), lat_w.device)
-        err, ref_err = video_dpo_errors(policy, lambda *a: self.ref(lambda m: m(*a)), self.parts.noise_scheduler,
+        err, ref_err = video_dpo_errors(policy, self.ref_forward, self.parts.noise_scheduler,
                                         lat_w, lat_l, self.captions(batch), t, torch.randn_like(lat_w))
         return diffusion_dpo_loss(*err.chunk(2), *ref_err.chunk(2), beta=self.cfg.objective.beta)
 
-
-VIDEO_METHODS = {"video_temporal": VideoTemporalTraining, "video_dpo": VideoDiffusionDPO}

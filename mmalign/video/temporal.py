@@ -4,7 +4,8 @@ AnimateDiff-style: a `MotionAdapter` sized to the UNet (one temporal transformer
 diffusers' `AnimateDiffTransformer3D`: attention over the frames at each pixel, sinusoidal frame positions)
 and `UNetMotionModel.from_unet2d`. Each motion module computes `x + proj_out(T(x))`; diffusers initialises
 `proj_out` randomly, we zero it, so a fresh video model is exactly the image model applied frame by frame.
-Spatial weights are frozen; LoRA on the spatial attention (or on the motion modules) is optional.
+Spatial weights are frozen; LoRA on the spatial attention (or on the motion modules) is optional
+(`LORA_PLACEMENTS`, through `mmalign.diffusion.lora.add_lora`; then `set_trainable`).
 
 Video-LDM-style option (Blattmann et al. 2023): each motion module's output is merged with its input by a
 learnable alpha, `z = alpha * z_spatial + (1 - alpha) * z_temporal` (diffusers' `AlphaBlender`, strategy
@@ -30,9 +31,14 @@ from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from torch import nn
 
 ATTN = r"(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
-SPATIAL_LORA_TARGETS = rf"^(?!.*motion_modules).*{ATTN}$"  # peft full-matches a string target
-TEMPORAL_LORA_TARGETS = rf"^.*motion_modules.*{ATTN}$"
-CROSS_LORA_TARGETS = r"^(?!.*motion_modules).*attn2\.(to_q|to_k|to_v|to_out\.0)$"  # the caption's way in
+# where a LoRA goes (diffusion.lora.add_lora's `targets`; peft full-matches a string target): the spatial
+# transformers' attention, their caption cross-attention only, the motion modules' attention, or both kinds
+LORA_PLACEMENTS = {
+    "spatial": rf"^(?!.*motion_modules).*{ATTN}$",
+    "cross": r"^(?!.*motion_modules).*attn2\.(to_q|to_k|to_v|to_out\.0)$",  # the caption's way in
+    "temporal": rf"^.*motion_modules.*{ATTN}$",
+    "both": rf"^.*{ATTN}$",
+}
 
 
 # --- layouts ----------------------------------------------------------------------------------------------
@@ -174,20 +180,6 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 # --- what trains ------------------------------------------------------------------------------------------
-
-def add_lora(model: UNetMotionModel, rank: int, alpha: int = 0, where: str = "spatial") -> None:
-    """peft LoRA (one adapter, "default") on the attention projections of the spatial transformers ("spatial"),
-    of their caption cross-attention only ("cross"), of the motion modules ("temporal") or of both ("both").
-    peft freezes everything else: call `set_trainable` afterwards."""
-    from peft import LoraConfig
-
-    targets = {"spatial": SPATIAL_LORA_TARGETS, "cross": CROSS_LORA_TARGETS, "temporal": TEMPORAL_LORA_TARGETS,
-               "both": rf"^.*{ATTN}$"}
-    if where not in targets:
-        raise ValueError(f"LoRA placement must be one of {sorted(targets)}, got {where!r}")
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                                 target_modules=targets[where]))
-
 
 def set_trainable(model: nn.Module, motion: bool = True) -> list[str]:
     """Trainable = LoRA weights (if any), the alpha blenders, and the motion modules' own weights when `motion`.

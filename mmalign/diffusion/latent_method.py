@@ -1,0 +1,102 @@
+"""What every latent-diffusion training method shares (image SFT, the pair objectives, the video methods): frozen
+encoders placed once, fresh posterior samples from cached (mean, std), caption dropout, timestep draws, the
+reference, batches, and the export of an image pipeline. A method subclasses `LatentDiffusionMethod` and defines
+`build`, `dataset` and `loss` (see mmalign.core.method.Method); its policy subclasses `UNetPolicy`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core.reference import make_reference
+from .lora import save_unet_lora
+from .pipeline import SDComponents, load_sd_components, pipeline_class
+
+
+class UNetPolicy(nn.Module):
+    """The trainable policy around `self.unet`; the adapters-off reference switches the UNet's LoRA off and on."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def disable_adapters(self):
+        self.unet.disable_adapters()
+
+    def enable_adapters(self):
+        self.unet.enable_adapters()
+
+
+class LatentDiffusionMethod:
+    """Shared plumbing. `self.empty`: the empty caption's conditioning, by the keys of the method's caption
+    conditioning (set by `dataset()`); `self.ref`: the reference strategy (`attach_reference`)."""
+
+    needs_reference = False
+
+    def __init__(self, cfg, output_dir: str):
+        self.cfg, self.output_dir = cfg, output_dir
+        self.parts: SDComponents | None = None
+        self.empty: dict[str, torch.Tensor] = {}
+        self.ref = None
+
+    # --- models --------------------------------------------------------------------------------------------
+
+    def load_parts(self, pretrained: str, device: torch.device, dtype: torch.dtype = torch.float32) -> SDComponents:
+        """Load the pipeline's components; the VAE and text encoders go to `device`, frozen, in eval mode."""
+        self.device = device
+        self.parts = load_sd_components(pretrained, dtype)
+        for enc in self.encoders():
+            enc.to(device).requires_grad_(False).eval()
+        return self.parts
+
+    def encoders(self) -> list[nn.Module]:
+        p = self.parts
+        return [enc for enc in (p.vae, p.text_encoder, p.text_encoder_2) if enc is not None]
+
+    def attach_reference(self, kind: str, policy: nn.Module) -> None:
+        """`self.ref` = the reference strategy `kind` (core.reference.make_reference), when the method needs one."""
+        self.ref = make_reference(kind, policy) if self.needs_reference else None
+
+    def ref_forward(self, *args) -> torch.Tensor:
+        return self.ref(lambda model: model(*args))
+
+    # --- batches -------------------------------------------------------------------------------------------
+
+    def collate(self, rows: list[dict]) -> dict:
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """A fresh sample of the cached VAE posterior, times the VAE's scaling factor."""
+        return (mean + std * torch.randn_like(std)) * self.parts.vae.config.scaling_factor
+
+    def drop_captions(self, cond: dict[str, torch.Tensor], p: float) -> dict[str, torch.Tensor]:
+        """Each row's caption (every key of `self.empty` in `cond`, together) replaced by the empty caption's
+        with probability `p`: one draw per row."""
+        if p <= 0:
+            return cond
+        first = next(iter(cond.values()))
+        drop = torch.rand(len(first), device=first.device) < p
+        return {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), self.empty[k].to(v), v) if k in self.empty
+                else v for k, v in cond.items()}
+
+    def sample_t(self, n: int, device: torch.device | None = None) -> torch.Tensor:
+        """One training timestep per row, uniform over the scheduler's range."""
+        return torch.randint(0, self.parts.noise_scheduler.config.num_train_timesteps, (n,),
+                             device=self.device if device is None else device)
+
+    # --- data and export -----------------------------------------------------------------------------------
+
+    def require_rows(self, report, source: str) -> None:
+        """A clear error when no row is usable (the dataset could not even be built empty)."""
+        if report.kept == 0:
+            raise ValueError(f"{source}: no usable rows ({report.summary()})")
+
+    def save_image_pipeline(self, unet: nn.Module, out_dir: str, **components) -> None:
+        """A full pipeline directory with `unet` (and `components`) in place of the pretrained ones; with LoRA
+        (`cfg.model.lora_rank`), the adapter alone in diffusers' format (`pipe.load_lora_weights(out_dir)`)."""
+        cls = pipeline_class(self.parts)
+        if self.cfg.model.lora_rank > 0:
+            save_unet_lora(cls, unet, out_dir)
+            return
+        extra = {} if self.parts.is_sdxl else {"safety_checker": None, "requires_safety_checker": False}
+        cls.from_pretrained(self.cfg.model.pretrained, unet=unet, **components, **extra).save_pretrained(out_dir)
