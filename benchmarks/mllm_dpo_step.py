@@ -250,10 +250,10 @@ def run_ours(a, cache: bool) -> dict:
 
         def dataset(self):
             t0 = time.perf_counter()
-            data = super().dataset()
+            data, report = super().dataset()
             times["dataset_s"] = time.perf_counter() - t0
             times["dataset_tokens"] = sum(len(r.chosen.ids) + len(r.rejected.ids) for r in data.rows)
-            return data
+            return data, report
 
         def _reference_cache(self, rows):
             t0 = time.perf_counter()

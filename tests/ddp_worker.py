@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from mmalign.core import load_experiment, train
+from mmalign.datasets.records import SkipReport
 
 
 @dataclass
@@ -45,7 +46,8 @@ class ToyMethod:
         g = torch.Generator().manual_seed(123)
         x = torch.randn(self.args.n_rows, self.args.dim, generator=g)
         y = x.sum(dim=1, keepdim=True).sin()
-        return [{"id": i, "x": x[i], "y": y[i]} for i in range(self.args.n_rows)]
+        rows = [{"id": i, "x": x[i], "y": y[i]} for i in range(self.args.n_rows)]
+        return rows, SkipReport(total=len(rows), kept=len(rows))
 
     def collate(self, rows):
         return {"id": torch.tensor([r["id"] for r in rows]), "x": torch.stack([r["x"] for r in rows]),

@@ -8,7 +8,7 @@ from __future__ import annotations
 from importlib import import_module
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, Experiment, load_experiment
 
 METHODS: dict[str, str] = {
     "diffusion_sft": "mmalign.diffusion.sft:DiffusionSFT",
@@ -47,6 +47,14 @@ def method_class(name: str) -> type:
     """The method class registered under `name` or one of its aliases (imported now)."""
     module, cls = METHODS[canonical_name(name)].split(":")
     return getattr(import_module(module), cls)
+
+
+def load_recipe(path: str, overrides=()) -> Experiment:
+    """A recipe plus `key=value` overrides, read once and validated against its method's config class; an alias
+    in `method:` is replaced by the registered name (what config.yaml records)."""
+    exp = load_experiment(str(path), list(overrides), lambda name: method_class(name).config_class)
+    exp.method = canonical_name(exp.method)
+    return exp
 
 
 def recipes() -> list[tuple[str, str]]:

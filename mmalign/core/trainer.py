@@ -155,7 +155,11 @@ def _train(exp: Experiment, method: Method, acc: Accelerator) -> dict:
         os.makedirs(out, exist_ok=True)
         save_resolved(exp, os.path.join(out, "config.yaml"))
     policy = method.build(acc.device)
-    dataset = method.dataset()
+    dataset, report = method.dataset()
+    if acc.is_main_process:
+        write_data_report(out, report, len(dataset))
+    if len(dataset) == 0:
+        raise ConfigError(f"data: no usable rows ({report.summary()})")
     optimizer = _make_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad])
     scheduler = _make_scheduler(cfg, optimizer)  # stepped by us once per optimizer step, not prepared
     policy, optimizer = acc.prepare(policy, optimizer)
@@ -230,6 +234,15 @@ def _train(exp: Experiment, method: Method, acc: Accelerator) -> dict:
         method.save_pretrained(acc.unwrap_model(policy), os.path.join(out, "final"))
     acc.wait_for_everyone()
     return {"step": step, "metrics": last, "output_dir": out, **({"stopped": stopped} if stopped else {})}
+
+
+def write_data_report(out_dir: str, report, rows: int) -> None:
+    """`data_report.json`: the rows read, kept and skipped by reason (the method's report), and the dataset's
+    length (`encoded`: more than `kept` when augmentation adds rows, e.g. both flips)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "data_report.json"), "w") as f:
+        json.dump({**report.to_dict(), "encoded": rows}, f, indent=1)
+    print(f"data: {report.summary()}")
 
 
 def _out_of_time(acc, t0: float, max_minutes: float) -> bool:

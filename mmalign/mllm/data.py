@@ -118,13 +118,10 @@ def conversation_pieces(processor, messages: list[dict]) -> list[tuple[str, bool
     return [(t, trained) for t, trained in pieces if t]
 
 
-def finish_dataset(rows: list, report: SkipReport, output_dir: str, what: str, source: str) -> "ListDataset":
-    """Write `data_report.json` (skips by reason, rows encoded) and refuse an empty dataset."""
+def finish_dataset(rows: list, report: SkipReport, what: str, source: str) -> "ListDataset":
+    """The encoded rows as a dataset; an empty one is refused (the loop writes `data_report.json`)."""
     from ..core.config import ConfigError
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "data_report.json").write_text(json.dumps({**report.to_dict(), "encoded": len(rows)}, indent=1))
     if not rows:
         raise ConfigError(f"data.path: no usable {what} in {source} ({report.summary()})")
     return ListDataset(rows)

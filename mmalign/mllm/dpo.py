@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from accelerate.utils import send_to_device
 
 from ..core.config import ConfigError
 from ..core.reference import make_reference
+from ..datasets.records import SkipReport
 from .data import Encoder, ListDataset, collate_pairs, finish_dataset
 from .encoding import pad_id_of
 from .logps import sequence_logps
@@ -24,26 +26,24 @@ from .losses import dpo_loss, mdpo_loss, mmdpo_beta, sft_nll
 from .models import VLModelConfig, load_vlm, prepare_trainable, reference_kind, save_vlm
 from .refcache import cached_reference_logps
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
-
 
 @dataclass
 class VLPairDataConfig:
     path: str  # jsonl / parquet / HF datasets dir or hub id (formats: see mmalign.datasets.vl_records)
-    format: str = "auto"  # auto | trl | rlaif_v | vlfeedback | mm_rlhf
-    ties: str = "drop"  # VLFeedback rating ties: drop (counted) | error
-    bad_rows: str = "skip"  # skip (counted, reported) | error
+    format: Literal["auto", "trl", "rlaif_v", "vlfeedback", "mm_rlhf"] = "auto"
+    ties: Literal["drop", "error"] = "drop"  # VLFeedback rating ties: drop (counted) or error
+    bad_rows: Literal["skip", "error"] = "skip"  # skip: counted, reported
     image_root: str = ""  # base folder for relative image paths ("" = the data file's folder)
     max_length: int = 0  # 0 = no limit; longer rows lose trailing answer tokens, never prompt/image tokens
     ref_cache_dir: str = ".cache/mmalign/ref_logps"
     ref_batch_size: int = 8
-    pack_pairs: str = "auto"  # auto | on | off: one [prompt][chosen][rejected] row per pair (see packing.py)
+    pack_pairs: Literal["auto", "on", "off"] = "auto"  # one [prompt][chosen][rejected] row per pair (packing.py)
 
 
 @dataclass
 class DPOObjective:
     beta: float = 0.1
-    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     label_smoothing: float = 0.0  # sigmoid (conservative DPO) and robust
     rpo_alpha: float = 0.0  # + alpha * NLL of the chosen answers (RPO / DPO+SFT)
     mmdpo_w: float = 0.0  # MM-DPO: beta_i = beta * (1 + w * (1 - exp(-k * margin_i))); 0 = fixed beta
@@ -67,16 +67,12 @@ class MLLMDPO:
     def __init__(self, cfg: VLDPOConfig, output_dir: str):
         self.cfg, self.output_dir = cfg, output_dir
         o = cfg.objective
-        if o.loss_type not in LOSS_TYPES:
-            raise ConfigError(f"objective.loss_type: {o.loss_type!r} — one of {', '.join(LOSS_TYPES)}")
         if not 0 <= o.label_smoothing < 0.5:
             raise ConfigError("objective.label_smoothing: must be in [0, 0.5)")
         if o.beta <= 0:
             raise ConfigError("objective.beta: must be > 0")
         if self.crops and not 0 < o.crop_min <= o.crop_max < 1:
             raise ConfigError("objective.crop_min/crop_max: need 0 < crop_min <= crop_max < 1")
-        if cfg.data.pack_pairs not in ("auto", "on", "off"):
-            raise ConfigError(f"data.pack_pairs: {cfg.data.pack_pairs!r} — one of auto, on, off")
         self.ref_kind = reference_kind(cfg.model)
         self.ref_logps = None
         self.pack = False
@@ -93,7 +89,7 @@ class MLLMDPO:
         self.policy = policy
         return policy
 
-    def dataset(self) -> ListDataset:
+    def dataset(self) -> tuple[ListDataset, SkipReport]:
         from ..datasets.vl_records import load_images, read_vl_pairs
 
         d = self.cfg.data
@@ -104,11 +100,11 @@ class MLLMDPO:
         crop = (0, o.crop_min, o.crop_max) if self.crops else None
         rows = [r for i, rec in enumerate(records)
                 if (r := enc.pair(i, rec, load_images(rec), crop)) is not None]
-        dataset = finish_dataset(rows, report, self.output_dir, "pairs", d.path)
+        dataset = finish_dataset(rows, report, "pairs", d.path)
         self.pad_id = pad_id_of(self.processor)
         self.pack = self._choose_packing(rows)
         self.ref_logps = self._reference_cache(rows) if self.ref_kind == "cache" else None
-        return dataset
+        return dataset, report
 
     def _choose_packing(self, rows) -> bool:
         """Pack pairs when the model and every row allow it (`auto`), insist (`on`) or never (`off`)."""

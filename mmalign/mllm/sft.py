@@ -4,10 +4,12 @@ into the prompt so that at inference the wanted attributes can be asked for."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from ..core.config import ConfigError
+from ..datasets.records import SkipReport
 from .data import Encoder, ListDataset, finish_dataset
 from .encoding import pad_batch, pad_id_of
 from .logps import token_logps
@@ -19,7 +21,7 @@ STEER_ATTRIBUTES = ("quality", "helpfulness", "correctness", "coherence", "compl
 @dataclass
 class VLConversationDataConfig:
     path: str  # TRL VLM SFT format (images + messages, or prompt + completion); jsonl / parquet / HF datasets
-    bad_rows: str = "skip"  # skip (counted, reported) | error
+    bad_rows: Literal["skip", "error"] = "skip"  # skip: counted, reported
     image_root: str = ""
     max_length: int = 0  # 0 = no limit; rows are cut only after their last image token
 
@@ -68,7 +70,7 @@ class MLLMSFT:
             return rec.messages
         return steer_messages(rec.messages, rec.meta.get("attributes", {}), names)
 
-    def dataset(self) -> ListDataset:
+    def dataset(self) -> tuple[ListDataset, SkipReport]:
         from ..datasets.vl_records import load_images, read_vl_conversations
 
         d = self.cfg.data
@@ -85,9 +87,9 @@ class MLLMSFT:
             row = enc.conversation(i, msgs, load_images(rec), where)
             if row is not None:
                 rows.append(row)
-        dataset = finish_dataset(rows, report, self.output_dir, "conversations", d.path)
+        dataset = finish_dataset(rows, report, "conversations", d.path)
         self.pad_id = pad_id_of(self.processor)
-        return dataset
+        return dataset, report
 
     def collate(self, rows) -> dict:
         return pad_batch(rows, self.pad_id)
