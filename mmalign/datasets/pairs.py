@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from PIL import Image
 
@@ -219,23 +219,33 @@ def load_pair_images(rec: PairRecord, report: SkipReport,
     return images[0], images[1]
 
 
+def write_pair_folder(out_dir: str | Path, rows: Iterable[tuple[str, Any, Any, dict]], media: str,
+                      columns: tuple[str, str], reserved: tuple[str, ...], save: Callable[[Any, Path], None],
+                      suffixes: tuple[str, str], fixed: dict | None = None) -> Path:
+    """Write (caption, preferred, rejected, extra) rows as `out_dir/<media>/<i><suffix>` files (`save(item,
+    path)`) plus `metadata.jsonl` rows {caption, columns[0]: file, columns[1]: file, **fixed, **extra}, the
+    metadata replaced atomically; extra keys may not shadow the `reserved` columns. Returns the metadata path."""
+    out_dir = Path(out_dir)
+    (out_dir / media).mkdir(parents=True, exist_ok=True)
+    meta, tmp = out_dir / "metadata.jsonl", out_dir / "metadata.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i, (caption, item_w, item_l, extra) in enumerate(rows):
+            clash = set(extra or {}) & set(reserved)
+            if clash:
+                raise ValueError(f"pair {i}: extra keys {sorted(clash)} clash with the pair columns")
+            names = [f"{media}/{i:06d}{suffix}" for suffix in suffixes]
+            save(item_w, out_dir / names[0])
+            save(item_l, out_dir / names[1])
+            f.write(json.dumps({"caption": caption, columns[0]: names[0], columns[1]: names[1], **(fixed or {}),
+                                **(extra or {})}) + "\n")
+    os.replace(tmp, meta)
+    return meta
+
+
 def write_pairs_jsonl(out_dir: str | Path, rows: Iterable[tuple[str, Image.Image, Image.Image, dict]]) -> Path:
     """Write (caption, winner, loser, extra) pairs as `out_dir/images/*.png` + `metadata.jsonl`; returns the latter.
 
     Rows follow the Pick-a-Pic format: jpg_0 is the winner, jpg_1 the loser, label_0 = 1, extra keys merged in.
     """
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    meta, tmp = out_dir / "metadata.jsonl", out_dir / "metadata.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for i, (caption, image_w, image_l, extra) in enumerate(rows):
-            clash = set(extra or {}) & set(_CORE)
-            if clash:
-                raise ValueError(f"pair {i}: extra keys {sorted(clash)} clash with the Pick-a-Pic columns")
-            names = [f"images/{i:06d}_0.png", f"images/{i:06d}_1.png"]
-            image_w.convert("RGB").save(out_dir / names[0])
-            image_l.convert("RGB").save(out_dir / names[1])
-            row = {"caption": caption, "jpg_0": names[0], "jpg_1": names[1], "label_0": 1, **(extra or {})}
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, meta)
-    return meta
+    return write_pair_folder(out_dir, rows, "images", ("jpg_0", "jpg_1"), _CORE,
+                             lambda image, path: image.convert("RGB").save(path), ("_0.png", "_1.png"), {"label_0": 1})

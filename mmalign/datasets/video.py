@@ -17,7 +17,6 @@ else to the source file's folder. A bad row is a counted skip with its reason or
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageSequence
 
-from .pairs import BadRow, pair_label, source_rows, captioned_rows, check_ties, tie_left_out
+from .pairs import BadRow, captioned_rows, check_ties, pair_label, source_rows, tie_left_out, write_pair_folder
 from .records import DataError, SkipReport, check_policy, reject
 
 CONTAINER_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
@@ -272,18 +271,5 @@ def write_video_pairs_jsonl(out_dir: str | Path, rows: Iterable[tuple[str, Any, 
                             frame_ms: int = 100) -> Path:
     """Write (caption, preferred frames, rejected frames, extra) as `out_dir/videos/*.gif` + `metadata.jsonl`
     rows {caption, video_w, video_l, **extra}; returns the metadata path. `read_video_pairs` reads it back."""
-    out_dir = Path(out_dir)
-    (out_dir / "videos").mkdir(parents=True, exist_ok=True)
-    meta, tmp = out_dir / "metadata.jsonl", out_dir / "metadata.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for i, (caption, frames_w, frames_l, extra) in enumerate(rows):
-            clash = set(extra or {}) & set(_CORE)
-            if clash:
-                raise ValueError(f"pair {i}: extra keys {sorted(clash)} clash with the pair columns")
-            names = [f"videos/{i:06d}_w.gif", f"videos/{i:06d}_l.gif"]
-            write_gif(frames_w, out_dir / names[0], frame_ms)
-            write_gif(frames_l, out_dir / names[1], frame_ms)
-            f.write(json.dumps({"caption": caption, "video_w": names[0], "video_l": names[1], **(extra or {})})
-                    + "\n")
-    os.replace(tmp, meta)
-    return meta
+    return write_pair_folder(out_dir, rows, "videos", _NATIVE, _CORE,
+                             lambda frames, path: write_gif(frames, path, frame_ms), ("_w.gif", "_l.gif"))
