@@ -9,7 +9,7 @@ from test_evals_judges import ChatServer
 
 from mmalign.cli import main
 from mmalign.datasets.shapeworld.vqa import VQAItem, grade
-from mmalign.evals.cli_mllm import SHAPEWORLD_TAGS
+from mmalign.evals.shapeworld_bench import SHAPEWORLD_TAGS
 from mmalign.evals.judges import JudgeRequestError, RuleJudge
 from mmalign.evals.mmvet import read_bench
 from mmalign.evals.results import read_results

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mmalign.datasets.records import DataError
-from mmalign.evals.cli_mllm import paired_comparison
+from mmalign.evals.mllm_tasks import paired_comparison
 from mmalign.evals.mtbench import (MTQuestion, answer_questions, grade_answers, judge_messages, parse_rating,
                                    read_questions, summarize)
 from mmalign.core.stats import paired_gain_ci
