@@ -8,17 +8,30 @@ from pathlib import Path
 
 
 def cmd_train(a) -> None:
-    from .core.config import ConfigError, load_experiment, read_method_name
+    from .core.config import ConfigError
+    from .core.registry import load_recipe, method_class
     from .core.trainer import train
-    from .core.registry import method_class
 
     try:
-        cls = method_class(read_method_name(a.config, a.overrides))
-        exp = load_experiment(a.config, a.overrides, cls.config_class)
+        exp = load_recipe(a.config, a.overrides)
+        method = method_class(exp.method)(exp.args, exp.output_dir)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    summary = train(exp, cls(exp.args, exp.output_dir))
+    summary = train(exp, method)
     print(json.dumps(summary, default=str))
+
+
+def cmd_list(a) -> None:
+    from .core.registry import ALIASES, METHODS, recipes
+
+    print("methods (recipe key `method:`):")
+    for name, target in METHODS.items():
+        aliases = [k for k, v in ALIASES.items() if v == name]
+        print(f"  {name:26s} {target}" + (f"  (alias: {', '.join(aliases)})" if aliases else ""))
+    found = recipes()
+    print("recipes (mmalign train <recipe> key=value ...):" if found else "recipes: none (no configs/ folder here)")
+    for path, name in found:
+        print(f"  {path:48s} {name}")
 
 
 def cmd_data_shapeworld(a) -> None:
@@ -33,8 +46,7 @@ def cmd_data_shapeworld(a) -> None:
 def cmd_sample(a) -> None:
     from diffusers import StableDiffusionPipeline
 
-    from .demo.diffusion import save_samples
-    from .diffusion.sampling import sample_images
+    from .diffusion.sampling import sample_images, save_samples
     from .evals.grid import image_grid
 
     prompts = list(a.prompt or [])
@@ -86,7 +98,8 @@ def cmd_data_best_of_n(a) -> None:
 
 
 def cmd_demo(a) -> None:
-    from .demo.diffusion import DEMO_RECIPES, DemoSettings, comparison_table, format_results, run_demo
+    from .core.registry import PAIR_METHOD_NAMES, canonical_name
+    from .demo.diffusion import DemoSettings, comparison_table, format_results, run_demo
     from .demo.evals import diffusion_evals, mllm_evals, write_demo_report
 
     parts = [p for p in a.parts.split(",") if p]
@@ -98,7 +111,9 @@ def cmd_demo(a) -> None:
         if not Path(a.mllm_model).is_dir():
             sys.exit(f"--mllm-model: {a.mllm_model} is not a model directory")
     if "diffusion" in parts:
-        methods = {"none": (), "all": tuple(DEMO_RECIPES)}.get(a.methods, tuple(filter(None, a.methods.split(","))))
+        methods = {"none": (), "all": PAIR_METHOD_NAMES}.get(a.methods)
+        if methods is None:  # aliases (inpo) resolve to the registered names, which name the run folders
+            methods = tuple(canonical_name(m) for m in a.methods.split(",") if m)
         settings = DemoSettings(n=a.n, steps=a.steps, guidance=a.guidance, methods=methods,
                                 pair_prompts=a.pair_prompts, per_prompt=a.per_prompt, train_steps=a.train_steps)
         results = run_demo(a.out, model=a.model, settings=settings)
@@ -138,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="recipe YAML (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys (train.lr=1e-5)")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("list", help="list the training methods and the shipped recipes",
+                       description="The methods a recipe's `method:` key can name, and the recipes under configs/.")
+    p.set_defaults(fn=cmd_list)
 
     p = sub.add_parser("data", help="make or convert datasets")
     dsub = p.add_subparsers(dest="what", required=True)
@@ -204,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--model", default=str(SHAPEWORLD_SD))
     p.add_argument("--methods", default="diffusion_dpo",
-                   help="comma-separated pair methods, 'all' (the comparison table) or 'none' (base only)")
+                   help="comma-separated pair methods (aliases such as inpo work), 'all' (the comparison table) "
+                        "or 'none' (base only); each trains from configs/shapeworld_<method>.yaml")
     p.add_argument("--n", type=int, default=512, help="held-out prompts (one sample each)")
     p.add_argument("--steps", type=int, default=15, help="DDIM steps of the held-out samples")
     p.add_argument("--guidance", type=float, default=4.0)
@@ -232,8 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .core.config import ConfigError
+    from .evals.errors import EvalError
+
     a = build_parser().parse_args(argv)
-    a.fn(a)
+    try:
+        a.fn(a)
+    except (ConfigError, EvalError) as e:  # a bad setting, or an evaluation with nothing it can do
+        sys.exit(str(e))
 
 
 if __name__ == "__main__":

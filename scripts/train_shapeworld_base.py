@@ -28,9 +28,8 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from mmalign.datasets.shapeworld import render_scene, sample_scenes, score_image
-from mmalign.demo.diffusion import score_samples
 from mmalign.diffusion.losses import per_sample_mse
-from mmalign.diffusion.sampling import sample_images
+from mmalign.diffusion.sampling import sample_images, score_samples
 from mmalign.diffusion.tiny import build_pipeline, load_architecture
 
 ROOT = Path(__file__).resolve().parents[1]

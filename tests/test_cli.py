@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from mmalign.cli import main
+from mmalign.evals.demo_results import unpack_diffusion_demo
 
 
 def run_cli(*args):
@@ -49,7 +50,7 @@ def test_sample_and_demo_on_a_tiny_pipeline(tmp_path, tiny_sd_dir):
     assert [r["seed"] for r in rows] == [0, 1] and (tmp_path / "s/grid.png").is_file()
     main(["demo", "--model", str(tiny_sd_dir), "--n", "6", "--steps", "2", "--methods", "none",
           "--out", str(tmp_path / "demo")])
-    res = json.loads((tmp_path / "demo/results.json").read_text())
+    res = unpack_diffusion_demo(json.loads((tmp_path / "demo/results.json").read_text()))
     assert res["n_prompts"] == 6 and set(res["base"]["accuracy"]) >= {"correct", "colour", "shape", "count"}
     assert (tmp_path / "demo/grid.png").is_file() and len(list((tmp_path / "demo/base/samples").glob("*.png"))) == 6
     assert res["aligned"] == {}
@@ -59,7 +60,7 @@ def test_demo_aligns_and_compares_at_small_scale(tmp_path, capsys):
     """The whole chain on the shipped base at toy scale: pairs -> two methods -> paired comparison, same seeds."""
     main(["demo", "--n", "6", "--steps", "2", "--methods", "diffusion_dpo,diffusion_cca",
           "--pair-prompts", "8", "--per-prompt", "3", "--train-steps", "2", "--out", str(tmp_path / "demo")])
-    res = json.loads((tmp_path / "demo/results.json").read_text())
+    res = unpack_diffusion_demo(json.loads((tmp_path / "demo/results.json").read_text()))
     assert set(res["aligned"]) == {"diffusion_dpo", "diffusion_cca"}
     for r in res["aligned"].values():
         wr = r["win_rate"]
@@ -112,6 +113,6 @@ def test_demo_names_a_missing_model(tmp_path):
 
 
 def test_demo_refuses_an_unknown_method_before_sampling(tmp_path):
-    with pytest.raises(ValueError, match="unknown demo method"):
+    with pytest.raises(SystemExit, match="unknown method 'nope'"):
         main(["demo", "--methods", "diffusion_dpo,nope", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()

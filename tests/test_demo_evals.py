@@ -12,7 +12,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_mllm_evals_reproduce_the_demo_numbers(tiny_llava_dir, tmp_path):
     s = MLLMDemoSettings(eval_scenes=6, eval_per_scene=4, pair_scenes=6, pair_per_scene=3, n_samples=3,
-                         train_steps=2, batch_size=2, lr=1e-3)
+                         train_steps=2, batch_size=2)
     demo = run_mllm_demo(tmp_path / "mllm", model=tiny_llava_dir, settings=s)
     base_path, aligned_path = mllm_evals(tmp_path / "mllm")
     docs = {k: json.loads(p.read_text()) for k, p in (("base", base_path), ("aligned", aligned_path))}

@@ -11,7 +11,7 @@ from PIL import Image
 
 from mmalign.cli import main
 from mmalign.datasets.records import DataError
-from mmalign.demo.diffusion import save_samples
+from mmalign.diffusion.sampling import save_samples
 from mmalign.evals.clip_backbone import build_clip, save_backbone
 from mmalign.evals.clip_scorers import SHIPPED_CLIP, AestheticHead, make_scorer
 from mmalign.evals.results import read_results

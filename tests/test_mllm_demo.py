@@ -4,14 +4,17 @@ import json
 
 import pytest
 
-from mmalign.demo.mllm import MLLMDemoSettings, format_mllm_results, run_mllm_demo
+from mmalign.demo.mllm import MLLMDemoSettings, format_mllm_results, read_mllm_results, run_mllm_demo
+from mmalign.evals.results import results_kind
 
 
 def test_mllm_demo_pipeline_on_a_random_model(tiny_llava_dir, tmp_path):
     s = MLLMDemoSettings(eval_scenes=4, eval_per_scene=3, pair_scenes=6, pair_per_scene=3, n_samples=3,
-                         train_steps=2, batch_size=2, lr=1e-3)
+                         train_steps=2, batch_size=2)
     res = run_mllm_demo(tmp_path / "mllm", model=tiny_llava_dir, settings=s)
-    saved = json.loads((tmp_path / "mllm/results.json").read_text())
+    assert results_kind(json.loads((tmp_path / "mllm/results.json").read_text())) == "mllm_demo"
+    saved = read_mllm_results(tmp_path / "mllm")
+    assert saved == res
     assert saved["n_questions"] == 12 and saved["pairs"]["n_pairs"] >= 2
     pairs = [json.loads(line) for line in open(tmp_path / "mllm/pairs/pairs.jsonl")]
     assert len(pairs) == saved["pairs"]["n_pairs"] and all(p["chosen_grade"] > p["rejected_grade"] for p in pairs)

@@ -93,3 +93,27 @@ def test_advertised_overrides_load(path):
         method_class(exp.method)(exp.args, exp.output_dir)
         if any(o.startswith("model.lora_rank=") for o in overrides):
             assert exp.args.model.lora_rank > 0
+
+
+DEMO_RECIPE_STEMS = [f"shapeworld_{m}" for m in PAIR_METHOD_NAMES] + ["shapeworld_mllm_dpo", "shapeworld_video_dpo"]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+@pytest.mark.parametrize("stem", DEMO_RECIPE_STEMS)
+def test_demo_runs_are_the_recipe_plus_placement_and_scale(stem):
+    """demo.load_demo_recipe changes only the keys it is given (and train.resume); a path stays a string whatever it
+    looks like to YAML."""
+    from mmalign.core.config import resolved_dict
+    from mmalign.demo import load_demo_recipe
+
+    plain = _flat(resolved_dict(load(CONFIGS / f"{stem}.yaml")))
+    over = {"model.pretrained": "/x: y", "data.path": "123", "output_dir": "runs/[o]", "train.max_steps": 3}
+    demo = _flat(resolved_dict(load_demo_recipe(stem, over)))
+    assert {k for k in plain if plain[k] != demo[k]} == {*over, "train.resume"}
+    assert {k: demo[k] for k in over} == over and demo["train.resume"] == "never"

@@ -13,6 +13,7 @@ from PIL import Image
 
 from mmalign.cli import main
 from mmalign.datasets.records import DataError
+from mmalign.evals.demo_results import write_diffusion_demo, write_mllm_demo
 from mmalign.evals.report import build_report, discover, write_report
 from mmalign.evals.results import TaskResult, write_results
 from mmalign.evals.svg_chart import ema, line_chart, nice_ticks
@@ -26,7 +27,7 @@ def _png(path: Path, colour, size: int = 8) -> None:
 
 
 def _samples(folder: Path, rows: list[tuple[str, int, float]], colour) -> None:
-    """samples.jsonl + samples/*.png as demo.save_samples writes them."""
+    """samples.jsonl + samples/*.png as diffusion.sampling.save_samples writes them."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "samples.jsonl", "w") as f:
         for i, (prompt, seed, correct) in enumerate(rows):
@@ -35,8 +36,15 @@ def _samples(folder: Path, rows: list[tuple[str, int, float]], colour) -> None:
                                 "scores": {"colour": correct, "correct": correct}}) + "\n")
 
 
-def _acc(mean, lo, hi, n=3):
+def acc_ci(mean, lo, hi, n=3):
     return {"mean": mean, "ci95": [lo, hi], "n": n}
+
+
+def diffusion_demo_results(base: dict, aligned: dict, n: int = 3) -> dict:
+    """The dict demo.diffusion.run_demo builds, around the given accuracies."""
+    return {"model": "tiny/<sd>", "n_prompts": n, "prompt_seed": 20000, "sample_seeds": [0, n - 1],
+            "sampler": {"scheduler": "DDIMScheduler", "steps": 5, "guidance": 4.0}, "settings": {"n": n},
+            "base": {"accuracy": base, "eval_seconds": 1.5}, "aligned": aligned, "seconds": 30.0}
 
 
 def diffusion_run(root: Path) -> Path:
@@ -44,16 +52,14 @@ def diffusion_run(root: Path) -> Path:
     rows = [(EVIL, 0, 1.0), ("two blue squares", 1, 0.0), ("a green triangle", 2, 0.0)]
     _samples(root / "base", rows, (200, 0, 0))
     _samples(root / "dpo" / "eval", [rows[2], rows[0], (rows[1][0], 1, 1.0)], (0, 0, 200))  # other order
-    doc = {"model": "tiny/<sd>", "n_prompts": 3, "prompt_seed": 20000, "sample_seeds": [0, 2],
-           "sampler": {"scheduler": "DDIMScheduler", "steps": 5, "guidance": 4.0},
-           "base": {"accuracy": {"colour": _acc(0.414, 0.356, 0.477), "correct": _acc(0.25, 0.1, 0.4)}},
-           "aligned": {"dpo": {"accuracy": {"colour": _acc(0.5, 0.4, 0.6), "correct": _acc(0.3, 0.2, 0.4)},
-                               "gain": {"colour": {"gain": 0.05, "ci95": [0.01, 0.09], "n": 3},
-                                        "correct": {"gain": 0.02, "ci95": [-0.03, 0.07], "n": 3}},
-                               "win_rate": {"wins": 53, "ties": 167, "losses": 36, "win_rate": 0.533,
-                                            "ci95": [0.498, 0.568], "n": 256},
-                               "train_seconds": 12.5, "guidance": 4.0}}}
-    (root / "results.json").write_text(json.dumps(doc))
+    write_diffusion_demo(root / "results.json", diffusion_demo_results(
+        {"colour": acc_ci(0.414, 0.356, 0.477), "correct": acc_ci(0.25, 0.1, 0.4)},
+        {"dpo": {"accuracy": {"colour": acc_ci(0.5, 0.4, 0.6), "correct": acc_ci(0.3, 0.2, 0.4)},
+                 "gain": {"colour": {"gain": 0.05, "ci95": [0.01, 0.09], "n": 3},
+                          "correct": {"gain": 0.02, "ci95": [-0.03, 0.07], "n": 3}},
+                 "win_rate": {"wins": 53, "ties": 167, "losses": 36, "win_rate": 0.533, "ci95": [0.498, 0.568],
+                              "n": 256},
+                 "train_seconds": 12.5, "guidance": 4.0}}))
     log = [{"step": 10, "loss": 0.69, "lr": 1e-4, "implicit_acc": 0.5, "elapsed_s": 1.0},
            {"step": 20, "loss": float("nan"), "lr": 1e-4, "implicit_acc": 0.6, "elapsed_s": 2.0},
            {"step": 30, "loss": 0.41, "lr": 5e-5, "implicit_acc": 0.75, "elapsed_s": 3.0}]
@@ -61,15 +67,23 @@ def diffusion_run(root: Path) -> Path:
     return root
 
 
-def mllm_results(folder: Path) -> None:
+def mllm_demo_results() -> dict:
+    """The dict demo.mllm.run_mllm_demo builds (small made-up numbers)."""
     pope = {"accuracy": 0.75, "precision": 0.5, "recall": 1.0, "f1": 2 / 3, "yes_ratio": 0.5, "n": 4, "unparsed": 1}
     side = {"table": {"colour": {"score": 50.0, "n": 4}}, "overall": 50.0, "macro": 50.0, "pope": pope}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps({
-        "model": "tiny/llava", "n_questions": 4, "pairs": {"n_pairs": 7}, "base": side, "aligned": side,
-        "comparison": {"table": {"colour": {"before": 50.0, "after": 75.0, "gain": 25.0, "ci95": [5.0, 50.0],
-                                            "n": 4, "significant": True}},
-                       "overall": {"before": 50.0, "after": 62.5, "gain": 12.5, "ci95": [-5.0, 30.0], "n": 8}}}))
+    return {"model": "tiny/llava", "settings": {"eval_scenes": 2}, "heldout_seed": 40000, "pair_seed": 50000,
+            "n_questions": 4, "pairs": {"n_pairs": 7, "no_preference": 1, "n_prompts": 4}, "train_seconds": 2.5,
+            "base": side, "aligned": {**side, "overall": 62.5},
+            "comparison": {"table": {"colour": {"before": 50.0, "after": 75.0, "gain": 25.0, "ci95": [5.0, 50.0],
+                                                "n": 4, "significant": True}},
+                           "overall": {"before": 50.0, "after": 62.5, "gain": 12.5, "ci95": [-5.0, 30.0], "n": 8},
+                           "pope": {"before": {"accuracy": 0.75, "f1": 2 / 3, "yes_ratio": 0.5},
+                                    "after": {"accuracy": 0.75, "f1": 2 / 3, "yes_ratio": 0.5}}},
+            "seconds": 9.0}
+
+
+def mllm_results(folder: Path) -> None:
+    write_mllm_demo(folder / "results.json", mllm_demo_results())
 
 
 def eval_results(folder: Path) -> None:
@@ -170,11 +184,9 @@ def test_image_limit_gifs_downscaling_and_plain_samples(tmp_path):
     rows = [(f"prompt {i}", i, 1.0) for i in range(10)]
     _samples(root / "base", rows, (0, 200, 0))
     _samples(root / "m" / "eval", rows, (0, 0, 200))
-    doc = {"model": "x", "n_prompts": 10, "prompt_seed": 0, "sample_seeds": [0, 9],
-           "sampler": {"scheduler": "DDIM", "steps": 2, "guidance": 1.0}, "base": {"accuracy": {}},
-           "aligned": {"m": {"accuracy": {}, "gain": {}, "win_rate": {"wins": 1, "ties": 8, "losses": 1,
-                                                                      "win_rate": 0.5, "ci95": [0.4, 0.6], "n": 10}}}}
-    (root / "results.json").write_text(json.dumps(doc))
+    write_diffusion_demo(root / "results.json", diffusion_demo_results({}, {"m": {
+        "accuracy": {}, "gain": {}, "win_rate": {"wins": 1, "ties": 8, "losses": 1, "win_rate": 0.5,
+                                                 "ci95": [0.4, 0.6], "n": 10}}}, n=10))
     page = build_report([root], max_images=5)
     assert len(img_srcs(page)) == 4 and "Showing 2 of 10 paired (prompt, seed) blocks" in page
     video = tmp_path / "video"  # a samples.jsonl of GIF clips (no demo around it) and one large PNG
@@ -191,15 +203,13 @@ def test_image_limit_gifs_downscaling_and_plain_samples(tmp_path):
     assert big.size == (256, 256)
 
 
-def test_side_by_side_and_older_base_only_layout(tmp_path):
+def test_side_by_side_and_base_only_run(tmp_path):
     a = diffusion_run(tmp_path / "a")
-    old = tmp_path / "old"  # the earlier demo layout: accuracy at the top, samples beside results.json
-    _samples(old, [("two blue squares", 1, 1.0)], (1, 2, 3))
-    (old / "results.json").write_text(json.dumps({"model": "m", "n_prompts": 1, "prompt_seed": 0,
-                                                  "sample_seeds": [1, 1], "sampler": {"scheduler": "DDIM", "steps": 2,
-                                                                                      "guidance": 1.0},
-                                                  "accuracy": {"colour": _acc(0.9, 0.8, 1.0, 1)}}))
-    page = build_report([a, old])
+    only = tmp_path / "base_only"  # mmalign demo --methods none
+    _samples(only / "base", [("two blue squares", 1, 1.0)], (1, 2, 3))
+    write_diffusion_demo(only / "results.json", diffusion_demo_results({"colour": acc_ci(0.9, 0.8, 1.0, 1)}, {}, 1))
+    (only / "notes.json").write_text(json.dumps({"results": {}, "higher_is_better": {}}))  # not an mmalign file
+    page = build_report([a, only])
     side = page.split("<h2>Side by side</h2>")[1].split("<section")[0]
     assert "<td class=l>diffusion colour accuracy % (base)</td><td>41.4</td><td>90.0</td>" in side
     assert "win rate" not in side  # only in one run
@@ -219,10 +229,14 @@ def test_clear_errors_name_the_file(tmp_path):
         discover(root)
     log.unlink()
     doc = json.loads((root / "results.json").read_text())
-    del doc["aligned"]["dpo"]["win_rate"]
+    del doc["mmalign"]["extra"]["shapeworld_t2i_dpo"]["win_rate"]
     (root / "results.json").write_text(json.dumps(doc))
     with pytest.raises(DataError, match=re.escape(f"{root / 'results.json'}: unexpected contents")):
         build_report([root])
+    del doc["mmalign"]["extra"]["shapeworld_t2i_dpo"]["ci95"]  # read when the run is discovered
+    (root / "results.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=re.escape(f"{root / 'results.json'}: unexpected contents")):
+        discover(root)
     (root / "results.json").write_text("{")
     with pytest.raises(DataError, match=re.escape(f"{root / 'results.json'}: not valid JSON")):
         discover(root)

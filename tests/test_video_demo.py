@@ -7,7 +7,7 @@ import pytest
 from mmalign.evals.results import read_results
 from mmalign.datasets.video import read_video, read_video_pairs
 from mmalign.demo.video import (VideoDemoSettings, format_video_results, frame_consistency, motion_captions,
-                                motion_reward, run_video_demo)
+                                motion_reward, read_video_results, run_video_demo)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,6 +44,7 @@ def test_miniature_demo_writes_gifs_samples_and_results(tmp_path):
     assert gain == pytest.approx(aligned - mean)
     doc = read_results(out / "results.json")
     assert doc["tasks"]["shapeworld_motion_gain"]["direction_acc"] == pytest.approx(gain)
+    assert doc["doc"]["mmalign"]["kind"] == "video_demo" and read_video_results(tmp_path) == results
     pairs, report = read_video_pairs(out / "pairs", 8)  # the pairs, reusable by `mmalign train`
     assert len(pairs) == results["pairs"]["pairs"] == report.kept >= 1
     table = format_video_results(results)

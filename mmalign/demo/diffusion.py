@@ -1,7 +1,7 @@
 """The demo on the embedded default: the shipped ShapeWorld base pipeline -> on-policy best-vs-worst pairs scored
-by the exact ShapeWorld scorer -> preference training (Diffusion-DPO by default; any pair method by name) ->
-held-out captions sampled with the same seeds before and after -> attribute accuracy, paired gains and win
-rate with bootstrap CIs, and a before/after grid."""
+by the exact ShapeWorld scorer -> preference training (Diffusion-DPO by default; any pair method by name), each
+method from its shipped recipe configs/shapeworld_<method>.yaml -> held-out captions sampled with the same seeds
+before and after -> attribute accuracy, paired gains and win rate with bootstrap CIs, and a before/after grid."""
 from __future__ import annotations
 
 import json
@@ -9,57 +9,24 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from PIL import Image
-
-from ..datasets.shapeworld import sample_scenes, score_image
-from ..evals.grid import image_grid
-from ..core.stats import bootstrap_ci
-
 from ..assets import SHAPEWORLD_SD
+from ..core.registry import PAIR_METHOD_NAMES
+from ..datasets.shapeworld import sample_scenes
+from ..evals.demo_results import unpack_diffusion_demo, write_diffusion_demo
+from ..evals.grid import image_grid
+from . import load_demo_recipe
+
 BASE_PIPELINE = SHAPEWORLD_SD
 HELDOUT_SEED = 20_000  # held-out evaluation scenes (captions never seen in training)
 PAIR_SEED = 30_000  # training-split captions the on-policy pairs are sampled for
 
+# Evaluation-only settings, beside the training recipes: the guidance each method's held-out samples are drawn
+# with when it differs from DemoSettings.guidance. CCA replaces guidance, so its samples are drawn guidance-free.
+EVAL_GUIDANCE: dict[str, float] = {"diffusion_cca": 1.0}
+
 
 def heldout_prompts(n: int) -> list[str]:
     return [s.caption for s in sample_scenes(HELDOUT_SEED, n, split="heldout")]
-
-
-def score_samples(images: list[Image.Image], prompts: list[str]) -> dict:
-    """Per-attribute accuracy with 95 % bootstrap CIs over samples, plus the per-sample scores."""
-    per = [score_image(im, p) for im, p in zip(images, prompts)]
-    summary = {}
-    for key in sorted({k for s in per for k in s}):
-        vals = [s[key] for s in per if key in s]
-        mean, lo, hi = bootstrap_ci(vals)
-        summary[key] = {"mean": round(mean, 4), "ci95": [round(lo, 4), round(hi, 4)], "n": len(vals)}
-    return {"summary": summary, "per_sample": per}
-
-
-def save_samples(out: Path, images, prompts, seeds, scores=None) -> None:
-    """samples/*.png plus samples.jsonl (file_name, prompt, seed[, scores]): what `eval` tools read back."""
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    with open(out / "samples.jsonl", "w") as f:
-        for i, (im, p, s) in enumerate(zip(images, prompts, seeds)):
-            name = f"samples/{i:05d}.png"
-            im.save(out / name)
-            row = {"file_name": name, "prompt": p, "seed": s}
-            if scores is not None:
-                row["scores"] = scores[i]
-            f.write(json.dumps(row) + "\n")
-
-
-# Per-method settings on ShapeWorld (full fine-tune of the 1.1 M-param UNet, frozen-copy reference); every
-# method sees the same pairs and the same number of pair-steps (an equal pair budget).
-DEMO_RECIPES: dict[str, dict] = {
-    "diffusion_dpo": {"train": {"lr": 1e-4}, "objective": {"beta": 5000}},
-    "diffusion_sft_winners": {"train": {"lr": 1e-4}},
-    "inpo": {"train": {"lr": 1e-4}, "objective": {"beta": 5000}},
-    "inversion_dpo": {"train": {"lr": 1e-4}, "objective": {"beta": 5000, "inversion_steps": 4}},
-    "diffusion_cca": {"train": {"lr": 1e-4}, "objective": {"beta": 5000, "cca_lambda": 1.0},
-                      "eval_guidance": 1.0},  # CCA replaces guidance: its samples are drawn guidance-free
-    "diffusion_bco": {"train": {"lr": 1e-4}, "objective": {"beta": 5000}},
-}
 
 
 @dataclass
@@ -67,14 +34,14 @@ class DemoSettings:
     n: int = 512  # held-out prompts, one fixed seed each
     steps: int = 15  # DDIM steps for evaluation samples (as for the pair samples)
     guidance: float = 4.0
-    methods: tuple[str, ...] = ("diffusion_dpo",)  # () = evaluate the base only
+    methods: tuple[str, ...] = ("diffusion_dpo",)  # registered pair-method names; () = evaluate the base only
     pair_prompts: int = 256  # training-split prompts sampled for pairs
     per_prompt: int = 4  # samples per prompt
     pairing: str = "all"  # every two samples of a prompt whose scores differ (see make_onpolicy_pairs)
     min_winner_score: float | None = None  # e.g. 2.0: winners satisfy the whole caption
     pair_steps: int = 15  # DDIM steps for the pair samples
-    train_steps: int = 150
-    batch_size: int = 32
+    train_steps: int = 150  # overrides train.max_steps of every recipe
+    batch_size: int = 32  # overrides train.batch_size, capped by the number of pairs
 
 
 def _check_model(model) -> None:
@@ -90,7 +57,7 @@ def _load(model):
 
 
 def evaluate(pipe, prompts, seeds, out: Path, s: DemoSettings, guidance: float | None = None) -> tuple[list, dict]:
-    from ..diffusion.sampling import sample_images
+    from ..diffusion.sampling import sample_images, save_samples, score_samples
 
     t0 = time.time()
     images = sample_images(pipe, prompts, seeds, steps=s.steps, guidance=s.guidance if guidance is None else guidance)
@@ -101,22 +68,19 @@ def evaluate(pipe, prompts, seeds, out: Path, s: DemoSettings, guidance: float |
 
 
 def train_method(name: str, model, pairs_dir: Path, out: Path, s: DemoSettings) -> float:
-    """Train one pair method with its demo recipe; returns wall seconds (data encoding included)."""
-    from ..core.config import Experiment, TrainConfig, from_dict
-    from ..core.trainer import train
-    from ..diffusion.preference import PreferenceConfig
+    """Train one pair method from configs/shapeworld_<name>.yaml, placed under `out` and sized by `s` (see
+    demo.load_demo_recipe); returns wall seconds (data encoding included)."""
     from ..core.registry import method_class
+    from ..core.trainer import train
 
-    recipe = DEMO_RECIPES.get(name, {})
-    n_pairs = sum(1 for _ in open(pairs_dir / "metadata.jsonl"))
-    tcfg = from_dict(TrainConfig, {"max_steps": s.train_steps, "batch_size": min(s.batch_size, n_pairs),
-                                   "log_every": 10, "warmup_steps": 10, "resume": "never", **recipe.get("train", {})},
-                     "demo")
-    args = from_dict(PreferenceConfig, {"model": {"pretrained": str(model)},
-                                        "data": {"path": str(pairs_dir), "cache_dir": str(out / "cache")},
-                                        "objective": recipe.get("objective", {})}, "demo")
+    with open(pairs_dir / "metadata.jsonl") as f:
+        n_pairs = sum(1 for _ in f)
+    exp = load_demo_recipe(f"shapeworld_{name}", {
+        "model.pretrained": str(model), "data.path": str(pairs_dir), "data.cache_dir": str(out / "cache"),
+        "output_dir": str(out / name), "train.max_steps": s.train_steps,
+        "train.batch_size": min(s.batch_size, n_pairs)})
     t0 = time.time()
-    train(Experiment(name, str(out / name), tcfg, args), method_class(name)(args, str(out / name)))
+    train(exp, method_class(exp.method)(exp.args, exp.output_dir))
     return round(time.time() - t0, 1)
 
 
@@ -125,9 +89,10 @@ def run_demo(out: str | Path, model: str | Path = BASE_PIPELINE, settings: DemoS
     from ..evals.compare import compare_scores
 
     s = settings or DemoSettings()
-    unknown = [m for m in s.methods if m not in DEMO_RECIPES]
+    unknown = [m for m in s.methods if m not in PAIR_METHOD_NAMES]
     if unknown:
-        raise ValueError(f"unknown demo method(s) {unknown} (known: {', '.join(DEMO_RECIPES)})")
+        raise ValueError(f"unknown demo method(s) {unknown} (known: {', '.join(PAIR_METHOD_NAMES)}; "
+                         f"core.registry.canonical_name resolves aliases)")
     _check_model(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +115,7 @@ def run_demo(out: str | Path, model: str | Path = BASE_PIPELINE, settings: DemoS
                              f"(more --pair-prompts or --per-prompt)")
         for name in s.methods:
             train_s = train_method(name, model, out / "pairs", out, s)
-            guidance = DEMO_RECIPES[name].get("eval_guidance", s.guidance)
+            guidance = EVAL_GUIDANCE.get(name, s.guidance)
             images, scored = evaluate(_load(out / name / "final"), prompts, seeds, out / name / "eval", s, guidance)
             rows.append(images[:16])
             results["aligned"][name] = {"accuracy": scored["summary"], "train_seconds": train_s, "guidance": guidance,
@@ -159,8 +124,8 @@ def run_demo(out: str | Path, model: str | Path = BASE_PIPELINE, settings: DemoS
                                                          reward_from_scores)}
     image_grid([im for r in rows for im in r], [p for _ in rows for p in prompts[:16]], cols=16).save(out / "grid.png")
     results["seconds"] = round(time.time() - t0, 1)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    return results
+    path = write_diffusion_demo(out / "results.json", results)
+    return unpack_diffusion_demo(json.loads(path.read_text()))  # what the file holds: the same dict
 
 
 def _pct(v: float) -> str:
@@ -168,7 +133,8 @@ def _pct(v: float) -> str:
 
 
 def format_results(results: dict) -> str:
-    """Plain-text summary: base accuracy, then per method the accuracy, the paired gain and the win rate."""
+    """Plain-text summary: base accuracy, then per method the accuracy, the paired gain and the win rate.
+    `results`: run_demo's return, or unpack_diffusion_demo(a loaded results.json)."""
     lines = [f"held-out ShapeWorld prompts: {results['n_prompts']}  (total {results['seconds']} s)",
              f"base: {results['model']}"]
     for key, v in results["base"]["accuracy"].items():

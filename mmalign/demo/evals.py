@@ -1,7 +1,7 @@
 """The demo's outputs through the project's evaluators, ending in one HTML page.
 
 - Diffusion: every method's held-out samples against the base's (same prompts and seeds) with CLIPScore on
-  the shipped ShapeWorld CLIP — `mmalign eval compare` itself, so W/T/L, win rate and the mean difference
+  the shipped ShapeWorld CLIP — what `mmalign eval compare` runs, so W/T/L, win rate and the mean difference
   come with bootstrap CIs in an lmms-eval-like results file.
 - Vision-language: the base's and the aligned model's held-out answers graded by the MM-Vet-style harness
   with the exact ShapeWorld rule judge (per-capability and per-combination scores, POPE), plus the paired
@@ -14,27 +14,24 @@ import json
 from pathlib import Path
 
 
-def _run_cli(argv: list[str]) -> None:
-    from ..cli import build_parser
-
-    a = build_parser().parse_args(argv)
-    a.fn(a)
-
-
 def diffusion_evals(out: Path, methods) -> list[Path]:
     """CLIPScore comparisons of each method's held-out samples against the base's; returns the results files."""
+    from ..evals.images import CompareSettings, ScorerSettings, compare_image_folders, format_comparison
+
     paths = []
     for name in methods:
-        path = out / "evals" / f"clipscore_{name}_vs_base.json"
-        _run_cli(["eval", "compare", str(out / name / "eval"), str(out / "base"), "--scorer", "clipscore",
-                  "--out", str(path)])
+        settings = CompareSettings(out / name / "eval", out / "base", out / "evals" / f"clipscore_{name}_vs_base.json",
+                                   ScorerSettings(scorer="clipscore"))
+        path, task = compare_image_folders(settings)
+        print(format_comparison(task))
+        print(f"results: {path}")
         paths.append(path)
     return paths
 
 
 def _bench_items(rows: list[dict]):
-    from ..evals.cli_mllm import SHAPEWORLD_TAGS
     from ..evals.mmvet import BenchItem
+    from ..evals.shapeworld_bench import SHAPEWORLD_TAGS
 
     return [BenchItem(id=f"q{i:05d}", question=r["question"], answer=r["truth"],
                       capabilities=tuple(SHAPEWORLD_TAGS[r["capability"]]), category=r["capability"],
@@ -43,19 +40,19 @@ def _bench_items(rows: list[dict]):
 
 def mllm_evals(mllm_out: Path) -> list[Path]:
     """MM-Vet-style (rule judge) and POPE results for the base and aligned answers the demo saved."""
-    from ..cli import build_parser
-    from ..evals.cli_mllm import eval_mmvet, paired_comparison
     from ..evals.judges import RuleJudge
+    from ..evals.mllm_bench import JudgeSettings
+    from ..evals.mllm_tasks import item_scores, mmvet_tasks, paired_comparison
     from ..evals.results import write_results
+    from .mllm import read_mllm_demo
 
-    a = build_parser().parse_args(["eval", "mllm", "--model", "demo", "--bench", "demo", "--judge", "rule"])
-    judge, paths, scores = RuleJudge(), [], {}
-    demo = json.loads((mllm_out / "results.json").read_text())
+    judge, judge_settings, paths, scores = RuleJudge(), JudgeSettings("rule"), [], {}
+    demo = read_mllm_demo(mllm_out)
     for name in ("base", "aligned"):
         rows = [json.loads(x) for x in (mllm_out / f"{name}_answers.jsonl").read_text().splitlines() if x.strip()]
         items = _bench_items(rows)
-        tasks = eval_mmvet(items, [r["answer"] for r in rows], judge, a)
-        scores[name] = {s["id"]: s["score"] for s in tasks["mmvet"].samples}
+        tasks = mmvet_tasks(items, [r["answer"] for r in rows], judge, judge_settings, seed=0)
+        scores[name] = item_scores(tasks["mmvet"])
         if name == "aligned":
             tasks["mmvet"].extra["comparison"] = {"against": "base",
                                                   **paired_comparison(scores["base"], scores["aligned"], 2000, 0)}

@@ -1,7 +1,7 @@
 """The MLLM half of `mmalign demo`: the shipped ShapeWorld LLaVA answers held-out VQA questions; on-policy
 answer pairs on training scenes are graded by the exact grader; DPO trains on them; the aligned model answers
 the same held-out questions. Reports the per-capability (MM-Vet-style) table, POPE metrics and paired gains
-with 95 % bootstrap CIs."""
+with 95 % bootstrap CIs. DPO trains from configs/shapeworld_mllm_dpo.yaml (see demo.load_demo_recipe)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..assets import SHAPEWORLD_LLAVA
+from ..evals.demo_results import unpack_mllm_demo, write_mllm_demo
+from . import load_demo_recipe
 
 MLLM_BASE = SHAPEWORLD_LLAVA
 MLLM_HELDOUT_SEED = 40_000  # held-out scenes for evaluation
@@ -25,27 +27,19 @@ class MLLMDemoSettings:
     n_samples: int = 4
     temperature: float = 1.0
     pairing: str = "all"
-    train_steps: int = 300
-    batch_size: int = 16
-    lr: float = 5e-5
-    beta: float = 0.1
-    rpo_alpha: float = 0.0
+    train_steps: int = 300  # overrides the recipe's train.max_steps
+    batch_size: int = 16  # overrides train.batch_size; fewer on-policy pairs than this is an error
 
 
 def _dpo(model: str, pairs_dir: Path, out: Path, s: MLLMDemoSettings) -> float:
-    from ..core.config import Experiment, TrainConfig
+    from ..core.registry import method_class
     from ..core.trainer import train
-    from ..mllm.dpo import DPOObjective, MLLMDPO, VLDPOConfig, VLPairDataConfig
-    from ..mllm.models import VLModelConfig
 
-    cfg = VLDPOConfig(model=VLModelConfig(pretrained=str(model), reference="cache"),
-                      data=VLPairDataConfig(path=str(pairs_dir), ref_cache_dir=str(out / "ref_cache")),
-                      objective=DPOObjective(beta=s.beta, rpo_alpha=s.rpo_alpha))
-    exp = Experiment(method="mllm_dpo", output_dir=str(out), args=cfg, train=TrainConfig(
-        lr=s.lr, max_steps=s.train_steps, batch_size=s.batch_size, lr_scheduler="cosine", warmup_steps=10,
-        log_every=10, save_every=0))
+    exp = load_demo_recipe("shapeworld_mllm_dpo", {
+        "model.pretrained": str(model), "data.path": str(pairs_dir), "data.ref_cache_dir": str(out / "ref_cache"),
+        "output_dir": str(out), "train.max_steps": s.train_steps, "train.batch_size": s.batch_size})
     t0 = time.time()
-    train(exp, MLLMDPO(cfg, str(out)))
+    train(exp, method_class(exp.method)(exp.args, exp.output_dir))
     return round(time.time() - t0, 1)
 
 
@@ -78,11 +72,23 @@ def run_mllm_demo(out: str | Path, model: str | Path = MLLM_BASE, settings: MLLM
             json.dumps({"question": ex.item.question, "truth": ex.item.answer, "capability": ex.item.capability,
                         "answer": p, "grade": g}) + "\n" for ex, p, g in zip(heldout, r["predictions"], r["scores"])))
     results["seconds"] = round(time.time() - t0, 1)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    return results
+    write_mllm_demo(out / "results.json", results)
+    return read_mllm_results(out)  # what the file holds: the same dict
+
+
+def read_mllm_results(out: Path) -> dict:
+    """The dict run_mllm_demo returned, from `out / "results.json"`."""
+    return unpack_mllm_demo(json.loads((Path(out) / "results.json").read_text()))
+
+
+def read_mllm_demo(out: Path) -> dict:
+    """The base model and the seeds of the MLLM demo run saved under `out`."""
+    r = read_mllm_results(out)
+    return {"model": r["model"], "heldout_seed": r["heldout_seed"], "pair_seed": r["pair_seed"]}
 
 
 def format_mllm_results(results: dict) -> str:
+    """`results`: run_mllm_demo's return, or read_mllm_results(its folder)."""
     from ..mllm.shapeworld import format_comparison
 
     c, p = results["comparison"], results["pairs"]

@@ -1,7 +1,9 @@
 """The video demo on ShapeWorld: the shipped image base inflated with the shipped motion adapter -> on-policy
 clips for motion captions ("a red circle moving left") -> best-vs-worst pairs by the exact motion scorer
 (`score_motion`) -> Video Diffusion-DPO on the motion modules -> base vs aligned on held-out captions and seeds:
-direction accuracy and frame consistency with paired bootstrap CIs, GIFs, samples.jsonl and results.json.
+direction accuracy and frame consistency with paired bootstrap CIs, GIFs, samples.jsonl and results.json (kind
+"video_demo": tasks shapeworld_motion_base / _aligned / _gain, CIs in extra). Video-DPO trains from
+configs/shapeworld_video_dpo.yaml (see demo.load_demo_recipe).
 
 Held-out: a quarter of the motion captions (see `motion_captions`) never appears in the pairs; evaluation seeds
 differ from the pair seeds. Frame consistency = mean of `score_motion`'s colour_consistent and shape_consistent
@@ -16,6 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..assets import SHAPEWORLD_MOTION, SHAPEWORLD_SD
+from ..evals.demo_results import VIDEO_DEMO, unpack_video_demo
+from . import load_demo_recipe
+
+BASE_PIPELINE = SHAPEWORLD_SD
 MOTION_ADAPTER = SHAPEWORLD_MOTION
 EVAL_SEED = 40_000
 PAIR_SEED = 50_000
@@ -28,11 +34,9 @@ class VideoDemoSettings:
     per_prompt: int = 4  # clips per pair prompt; best vs worst by motion_reward
     steps: int = 8  # DDIM steps for every sample
     guidance: float = 4.0
-    train_steps: int = 30
-    batch_size: int = 8
-    lr: float = 5e-4  # 1e-4 gave -0.02 [-0.08, +0.04] direction gain, 5e-4 +0.04 [-0.06, +0.15] (one run each)
-    beta: float = 5000.0
-    seed: int = 0
+    train_steps: int = 30  # overrides the recipe's train.max_steps
+    batch_size: int = 8  # overrides train.batch_size, capped by the number of pairs
+    seed: int = 0  # the pair prompts' and seeds' offset, and train.seed
 
 
 def motion_captions() -> tuple[list[str], list[str]]:
@@ -120,13 +124,11 @@ def run_video_demo(out, settings: VideoDemoSettings | None = None) -> dict:
     24 pairs; direction accuracy base 0.208 [0.104, 0.312] over 48 held-out clips; gain +0.042 [-0.062, +0.146]
     at lr 5e-4 and -0.021 [-0.083, +0.042] at lr 1e-4 -- neither significant; about 940 s wall each there
     (pairs 350, train 313, eval 275)."""
-    from ..core.config import Experiment, TrainConfig
-    from ..core.trainer import train
-    BASE_PIPELINE = SHAPEWORLD_SD
-    from ..evals.results import TaskResult, write_results
     from ..core.stats import bootstrap_ci, paired_gain_ci
-    from ..video.methods import VideoConfig, VideoDataConfig, VideoDiffusionDPO, VideoModelConfig, VideoObjectiveConfig
+    from ..core.trainer import train
     from ..datasets.video import write_video_pairs_jsonl
+    from ..evals.results import TaskResult, write_results
+    from ..video.methods import VideoDiffusionDPO
     from ..video.sampling import video_pipeline
 
     s = settings or VideoDemoSettings()
@@ -140,12 +142,12 @@ def run_video_demo(out, settings: VideoDemoSettings | None = None) -> dict:
     write_video_pairs_jsonl(out / "pairs", [(c, w, l, {}) for c, w, l in pairs])  # `mmalign train` can reuse them
     t_pairs = time.time() - t0
 
-    cfg = VideoConfig(VideoModelConfig(pretrained=str(BASE_PIPELINE), motion_adapter=str(MOTION_ADAPTER)),
-                      VideoDataConfig(num_frames=8), VideoObjectiveConfig(beta=s.beta))
     run_dir = out / "train"
-    exp = Experiment("video_dpo", str(run_dir), TrainConfig(lr=s.lr, max_steps=s.train_steps, batch_size=min(
-        s.batch_size, len(pairs)), log_every=5, seed=s.seed, resume="never"), cfg)
-    summary = train(exp, VideoDiffusionDPO(cfg, str(run_dir), data=pairs))
+    exp = load_demo_recipe("shapeworld_video_dpo", {
+        "model.pretrained": str(BASE_PIPELINE), "model.motion_adapter": str(MOTION_ADAPTER),
+        "data.path": str(out / "pairs"), "output_dir": str(run_dir), "train.max_steps": s.train_steps,
+        "train.batch_size": min(s.batch_size, len(pairs)), "train.seed": s.seed})
+    summary = train(exp, VideoDiffusionDPO(exp.args, exp.output_dir, data=pairs))  # the pairs in memory
     t_train = time.time() - t0 - t_pairs
 
     _, heldout = motion_captions()
@@ -174,15 +176,22 @@ def run_video_demo(out, settings: VideoDemoSettings | None = None) -> dict:
     tasks["shapeworld_motion_gain"] = TaskResult(
         metrics={k: v["mean"] for k, v in results["gain"].items()}, higher_is_better={k: True for k in per["base"]},
         n_original=s.n_eval, extra={"ci95": {k: [v["lo"], v["hi"]] for k, v in results["gain"].items()},
-                                    "pairs": pair_info, "seconds": results["seconds"]})
+                                    "pairs": pair_info, "seconds": results["seconds"],
+                                    "train_metrics": results["train_metrics"]})
     write_results(out / "results.json", tasks, model=str(BASE_PIPELINE),
                   model_args={"motion_adapter": str(MOTION_ADAPTER), "aligned": str(run_dir / "final")},
-                  provenance={"settings": asdict(s), "pair_seed": PAIR_SEED, "eval_seed": EVAL_SEED})
-    return results
+                  provenance={"settings": asdict(s), "pair_seed": PAIR_SEED, "eval_seed": EVAL_SEED}, kind=VIDEO_DEMO)
+    return read_video_results(out.parent)  # what the file holds: the same dict
+
+
+def read_video_results(out) -> dict:
+    """The dict run_video_demo(out) returned, from `out/video/results.json`."""
+    return unpack_video_demo(json.loads((Path(out) / "video" / "results.json").read_text()))
 
 
 def format_video_results(results: dict) -> str:
-    """A markdown table: base and aligned means with 95 % CIs and the paired gain per metric."""
+    """A markdown table: base and aligned means with 95 % CIs and the paired gain per metric. `results`:
+    run_video_demo's return, or read_video_results(its folder)."""
     lines = ["| metric | base | aligned | gain (95 % CI) |", "|---|---|---|---|"]
     for k, g in results["gain"].items():
         b, a = results["models"]["base"][k], results["models"]["aligned"][k]

@@ -1,8 +1,15 @@
-"""Sampling with fixed seeds: image i of a call depends only on (prompt_i, seed_i), never on the batch."""
+"""Sampling with fixed seeds: image i of a call depends only on (prompt_i, seed_i), never on the batch; plus the
+sample folder every `eval` tool reads back and the ShapeWorld scoring of a set of samples."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 from PIL import Image
+
+from ..core.stats import bootstrap_ci
+from ..datasets.shapeworld import score_image
 
 
 @torch.no_grad()
@@ -19,3 +26,28 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], steps: int = 25, g
                    height=res, width=res, generator=gens, output_type="pil")
         images.extend(out.images)
     return images
+
+
+def save_samples(out: Path, images, prompts, seeds, scores=None) -> None:
+    """samples/*.png plus samples.jsonl (file_name, prompt, seed[, scores]): what `eval` tools read back."""
+    out = Path(out)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    with open(out / "samples.jsonl", "w") as f:
+        for i, (im, p, s) in enumerate(zip(images, prompts, seeds)):
+            name = f"samples/{i:05d}.png"
+            im.save(out / name)
+            row = {"file_name": name, "prompt": p, "seed": s}
+            if scores is not None:
+                row["scores"] = scores[i]
+            f.write(json.dumps(row) + "\n")
+
+
+def score_samples(images: list[Image.Image], prompts: list[str]) -> dict:
+    """ShapeWorld per-attribute accuracy with 95 % bootstrap CIs over samples, plus the per-sample scores."""
+    per = [score_image(im, p) for im, p in zip(images, prompts)]
+    summary = {}
+    for key in sorted({k for s in per for k in s}):
+        vals = [s[key] for s in per if key in s]
+        mean, lo, hi = bootstrap_ci(vals)
+        summary[key] = {"mean": round(mean, 4), "ci95": [round(lo, 4), round(hi, 4)], "n": len(vals)}
+    return {"summary": summary, "per_sample": per}

@@ -2,11 +2,12 @@
 
 Recognised (searched up to 4 levels deep; checkpoints, caches, model exports and image folders are not entered):
 - ``metrics.jsonl`` (core/trainer.py: one JSON object per logged step) -> metric curves;
-- the diffusion demo's ``results.json`` (demo.run_demo: base / aligned accuracy, gains, win rates) with its
+- results files (evals/results.write_results), read by the kind each names (mmalign.kind; lmms-eval's own
+  output files, the same layout, count as evaluations; other JSON is not read): the diffusion demo's
+  (demo.diffusion.run_demo: base / aligned accuracy, gains, win rates) with its
   ``base/samples.jsonl`` and ``<method>/eval/samples.jsonl`` -> tables and before/after grids paired by
-  (prompt, seed); the older base-only layout (``accuracy`` at the top, ``samples.jsonl`` beside it) too;
-- the vision-language demo's ``results.json`` (mllm/demo.run_mllm_demo) -> per-capability tables, POPE;
-- results files in the lmms-eval-like layout (evals/results.read_results) -> one table per task;
+  (prompt, seed); the vision-language demo's (demo.mllm.run_mllm_demo) -> per-capability tables, POPE; any
+  other kind (evaluators, the video demo) -> one table per task;
 - any other ``samples.jsonl`` (``mmalign sample``, video GIFs) -> an image grid.
 A directory with none of these, or a recognised file that does not parse, is a DataError naming it.
 """
@@ -16,11 +17,14 @@ import base64
 import io
 import json
 import os
-import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..datasets.records import DataError
+from .demo_results import DIFFUSION_DEMO, MLLM_DEMO, unpack_diffusion_demo, unpack_mllm_demo
+from .errors import EvalError
+from .results import results_kind, task_metrics
 
 SMALL_IMAGE = 64  # px: shown upscaled without smoothing
 MAX_SIDE = 256  # px: larger images are downscaled before embedding
@@ -54,9 +58,10 @@ class TrainingLog:
 class Run:
     root: Path
     logs: list[TrainingLog] = field(default_factory=list)
-    diffusion: list[tuple[Path, dict, list[SampleSet]]] = field(default_factory=list)  # results.json, doc, sets
+    # (results.json, the demo's results as evals.demo_results unpacks them[, their sample sets])
+    diffusion: list[tuple[Path, dict, list[SampleSet]]] = field(default_factory=list)
     mllm: list[tuple[Path, dict]] = field(default_factory=list)
-    evals: list[tuple[Path, dict]] = field(default_factory=list)  # read_results(...) output
+    evals: list[tuple[Path, dict]] = field(default_factory=list)  # read_results(...)'s shape: tasks, doc
     sample_sets: list[SampleSet] = field(default_factory=list)  # samples not owned by a demo
 
     def empty(self) -> bool:
@@ -170,26 +175,38 @@ def pair_by_prompt_seed(sets: list[SampleSet]) -> tuple[list[tuple[str, int]], l
     return common, warnings
 
 
-def _is_diffusion_demo(doc) -> bool:
-    return isinstance(doc, dict) and "sampler" in doc and ("aligned" in doc or "accuracy" in doc)
+@contextmanager
+def guarded(path: Path):
+    """Around reading or rendering a file of a recognised kind: an unexpected shape is a DataError naming it."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
+        raise DataError(f"{path}: unexpected contents ({type(e).__name__}: {e})") from None
 
 
-def _is_mllm_demo(doc) -> bool:
-    return isinstance(doc, dict) and "comparison" in doc and "n_questions" in doc
-
-
-def _is_eval_results(doc) -> bool:
-    return isinstance(doc, dict) and isinstance(doc.get("results"), dict) and "higher_is_better" in doc
-
-
-def _diffusion_sample_sets(results_path: Path, doc: dict) -> list[SampleSet]:
+def _diffusion_sample_sets(results_path: Path, results: dict) -> list[SampleSet]:
     here = results_path.parent
-    if "aligned" not in doc:  # older base-only layout
-        candidates = [("base", here / "samples.jsonl")]
-    else:
-        candidates = [("base", here / "base" / "samples.jsonl")]
-        candidates += [(m, here / m / "eval" / "samples.jsonl") for m in doc["aligned"]]
+    candidates = [("base", here / "base" / "samples.jsonl")]
+    candidates += [(m, here / m / "eval" / "samples.jsonl") for m in results["aligned"]]
     return [read_samples(p, label) for label, p in candidates if p.is_file()]
+
+
+def _read_results_file(run: Run, path: Path, doc: dict) -> list[Path]:
+    """File one results document under its kind; returns the sample files it owns."""
+    kind = results_kind(doc)
+    with guarded(path):
+        if kind == DIFFUSION_DEMO:
+            results = unpack_diffusion_demo(doc)
+            sets = _diffusion_sample_sets(path, results)
+            run.diffusion.append((path, results, sets))
+            return [s.path for s in sets]
+        if kind == MLLM_DEMO:
+            run.mllm.append((path, unpack_mllm_demo(doc)))
+        elif kind is not None:
+            run.evals.append((path, {"tasks": task_metrics(doc), "doc": doc}))
+    return []
 
 
 def _walk(root: Path):
@@ -211,19 +228,7 @@ def discover(root) -> Run:
         if "metrics.jsonl" in files:
             run.logs.append(read_metrics_log(d / "metrics.jsonl", "(top level)" if rel == "." else rel))
         for f in (x for x in files if x.endswith(".json")):
-            doc = read_json(d / f)
-            if _is_diffusion_demo(doc):
-                sets = _diffusion_sample_sets(d / f, doc)
-                owned |= {s.path for s in sets}
-                run.diffusion.append((d / f, doc, sets))
-            elif _is_mllm_demo(doc):
-                run.mllm.append((d / f, doc))
-            elif _is_eval_results(doc):
-                from .results import read_results
-                try:
-                    run.evals.append((d / f, read_results(d / f)))
-                except (ValueError, KeyError, TypeError, AttributeError) as e:
-                    raise DataError(f"{d / f}: broken results file ({e})") from None
+            owned |= set(_read_results_file(run, d / f, read_json(d / f)))
     for d, files in _walk(root):
         if "samples.jsonl" in files and d / "samples.jsonl" not in owned:
             rel = d.relative_to(root).as_posix()
@@ -257,7 +262,7 @@ def cmd_report(a) -> None:
     try:
         path = write_report(a.run_dirs, a.out, a.smooth, a.max_images)
     except (DataError, ValueError) as e:
-        sys.exit(f"report: {e}")
+        raise EvalError(f"report: {e}") from e
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 

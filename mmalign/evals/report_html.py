@@ -8,8 +8,7 @@ import time
 from html import escape
 from pathlib import Path
 
-from ..datasets.records import DataError
-from .report import SMALL_IMAGE, Run, SampleSet, image_uri, pair_by_prompt_seed
+from .report import SMALL_IMAGE, Run, SampleSet, guarded, image_uri, pair_by_prompt_seed
 from .svg_chart import PALETTE, line_chart
 
 CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
@@ -130,8 +129,8 @@ def training_html(run: Run, smooth: float, headline: dict) -> Markup:
 
 
 def diffusion_html(path: Path, doc: dict, sets: list[SampleSet], max_images: int, headline: dict) -> Markup:
-    base = doc["base"]["accuracy"] if "base" in doc else doc["accuracy"]
-    aligned = doc.get("aligned", {})
+    """`doc`: the demo's results as unpack_diffusion_demo gives them."""
+    base, aligned = doc["base"]["accuracy"], doc["aligned"]
     sp = doc["sampler"]
     out = [html_fmt("<h3>Diffusion demo: {}</h3><p>Base {}; {} held-out prompts (prompt seed {}, sample seeds "
                     "{}–{}); {}, {} steps, guidance {}.</p>", path, doc["model"], doc["n_prompts"], doc["prompt_seed"],
@@ -171,6 +170,7 @@ def diffusion_html(path: Path, doc: dict, sets: list[SampleSet], max_images: int
 
 
 def mllm_html(path: Path, doc: dict, headline: dict) -> Markup:
+    """`doc`: the demo's results as unpack_mllm_demo gives them."""
     c, base, al = doc["comparison"], doc["base"], doc["aligned"]
     out = [html_fmt("<h3>Vision-language demo: {}</h3><p>Base {}; {} held-out questions; DPO on {} on-policy answer "
                     "pairs.</p>", path, doc["model"], doc["n_questions"], doc["pairs"]["n_pairs"])]
@@ -247,27 +247,21 @@ def eval_html(path: Path, loaded: dict, headline: dict) -> Markup:
     return Markup("".join(out))
 
 
-def _guarded(path: Path, render, *args) -> Markup:
-    """Run a renderer; a file of a recognised kind with an unexpected shape is a DataError naming it."""
-    try:
-        return render(path, *args)
-    except DataError:
-        raise
-    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
-        raise DataError(f"{path}: unexpected contents ({type(e).__name__}: {e})") from None
-
-
 def render_run(run: Run, smooth: float, max_images: int) -> tuple[Markup, dict]:
     """One run's section and its headline metrics {label: formatted value} for the side-by-side table."""
     headline, parts = {}, []
     if run.logs:
-        parts.append(_guarded(run.logs[0].path, lambda _p: training_html(run, smooth, headline)))
+        with guarded(run.logs[0].path):
+            parts.append(training_html(run, smooth, headline))
     for path, doc, sets in run.diffusion:
-        parts.append(_guarded(path, diffusion_html, doc, sets, max_images, headline))
+        with guarded(path):
+            parts.append(diffusion_html(path, doc, sets, max_images, headline))
     for path, doc in run.mllm:
-        parts.append(_guarded(path, mllm_html, doc, headline))
+        with guarded(path):
+            parts.append(mllm_html(path, doc, headline))
     for path, loaded in run.evals:
-        parts.append(_guarded(path, eval_html, loaded, headline))
+        with guarded(path):
+            parts.append(eval_html(path, loaded, headline))
     for st in run.sample_sets:
         parts.append(Markup(f"<h3>Samples: {escape(str(st.path))}</h3>") + sample_grid(st, max_images))
     return Markup("".join(parts)), headline

@@ -8,11 +8,13 @@ One JSON file per evaluation run::
      "configs":   {task: {...task settings...}},
      "versions":  {task: version},
      "config":    {"model": ..., "model_args": ...},
-     "date": unix time, "mmalign": {"provenance": {...}, "extra": {task: {...}}}}
+     "date": unix time, "mmalign": {"schema": SCHEMA, "kind": kind, "provenance": {...}, "extra": {task: {...}}}}
 
 Per-sample records go to a sibling ``<stem>_samples_<task>.jsonl``. ``provenance`` holds what makes a number
 reproducible (model path or id, judge id and temperature, seeds, evaluator weight hashes, parse failures);
-``extra`` holds what lmms-eval has no slot for (CIs, per-capability tables, W/T/L).
+``extra`` holds what lmms-eval has no slot for (CIs, per-capability tables, W/T/L). ``kind`` says who wrote the
+file and so how to read it: "eval" (an evaluator: one table per task) or one of the demos ("diffusion_demo",
+"mllm_demo", "video_demo"; see evals/demo_results.py).
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ class TaskResult:
 
 
 def write_results(path, tasks: dict[str, TaskResult], model: str, model_args: dict | None = None,
-                  provenance: dict | None = None) -> Path:
+                  provenance: dict | None = None, kind: str = "eval") -> Path:
     """Write the results file (and per-task sample files beside it); returns the results path."""
     if not tasks:
         raise ValueError("no task results to write")
@@ -74,7 +76,7 @@ def write_results(path, tasks: dict[str, TaskResult], model: str, model_args: di
         "versions": {n: t.version for n, t in tasks.items()},
         "config": {"model": model, "model_args": model_args or {}},
         "date": time.time(),
-        "mmalign": {"schema": SCHEMA, "provenance": provenance or {},
+        "mmalign": {"schema": SCHEMA, "kind": kind, "provenance": provenance or {},
                     "extra": {n: t.extra for n, t in tasks.items() if t.extra}},
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -94,11 +96,27 @@ def read_results(path) -> dict:
     doc = json.loads(path.read_text())
     if not isinstance(doc, dict) or not isinstance(doc.get("results"), dict):
         raise ValueError(f"{path}: not a results file (no 'results' mapping)")
-    tasks = {}
-    for name, row in doc["results"].items():
-        tasks[name] = {k[: -len(",none")]: v for k, v in row.items()
-                       if k.endswith(",none") and not k.endswith("_stderr,none")}
-    return {"tasks": tasks, "doc": doc}
+    return {"tasks": task_metrics(doc), "doc": doc}
+
+
+def task_metrics(doc: dict) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} of a loaded results document, in the file's order."""
+    return {name: {k[: -len(",none")]: v for k, v in row.items() if k.endswith(",none")
+                   and not k.endswith("_stderr,none")} for name, row in doc["results"].items()}
+
+
+def results_kind(doc) -> str | None:
+    """The kind of a results document: mmalign.kind of one `write_results` wrote ("eval" for files written before
+    kinds existed); "eval" for lmms-eval's own output (the same layout: `results` and `higher_is_better`
+    mappings, no mmalign block); None for any other JSON."""
+    if not isinstance(doc, dict):
+        return None
+    mm = doc.get("mmalign")
+    if isinstance(mm, dict) and mm.get("schema") == SCHEMA:
+        return mm.get("kind", "eval")
+    if mm is None and isinstance(doc.get("results"), dict) and isinstance(doc.get("higher_is_better"), dict):
+        return "eval"
+    return None
 
 
 def metric_value(doc: dict, task: str, metric: str) -> float:
