@@ -11,7 +11,8 @@ Policies. A tie is not a bad row and is never read as "jpg_0 wins": under ties="
 "tie (label_0=0.5)", under ties="error" it raises `DataError` naming the row. A bad row (invalid JSON, missing or
 non-string caption, missing image, image file not found, label_0 other than 0, 0.5 or 1) is a counted skip with its
 reason (bad_rows="skip") or a `DataError` naming the file and line/row (bad_rows="error"), as in `records.py`.
-`load_pair_images` decodes both images fully, so a corrupt one is found while building a cache, not mid-epoch.
+`load_pair_images` decodes both images fully, so a corrupt one is found while building a cache, not mid-epoch; one
+over Pillow's decompression-bomb limit (kept on) is refused from its header, before decoding, as "image too large".
 """
 from __future__ import annotations
 
@@ -207,7 +208,8 @@ def load_pair_images(rec: PairRecord, report: SkipReport,
                      bad_rows: str) -> tuple[Image.Image, Image.Image] | None:
     """Both images fully decoded as RGB (winner, loser); None when one is unreadable and the pair skipped.
 
-    A skipped pair is counted as "unreadable image" and taken off `report.kept`, so kept + skipped == total.
+    A skipped pair is counted ("unreadable image", or "image too large" for a decompression bomb; the row and the
+    image file named) and taken off `report.kept`, so kept + skipped == total.
     """
     images = []
     for side, src in (("winner", rec.image_w), ("loser", rec.image_l)):

@@ -8,6 +8,7 @@ A bad row is either a counted skip with its reason (policy "skip") or a `DataErr
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,10 @@ from typing import Any, Iterator
 from PIL import Image
 
 POLICIES = ("skip", "error")
+# What decoding an untrusted image can raise. Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) stays on:
+# an image over twice that raises DecompressionBombError from Image.open, before any pixel is decoded.
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+TOO_LARGE = "image too large"
 
 
 class DataError(ValueError):
@@ -108,12 +113,19 @@ def read_caption_folder(folder: str | Path, policy: str = "skip") -> tuple[list[
     return rows, report
 
 
-def open_rgb(path: Path, report: SkipReport, policy: str, where: str) -> Image.Image | None:
-    """Decode an image fully (so a truncated file fails here, not mid-epoch); None when skipped."""
+def image_reason(e: BaseException, other: str = "unreadable image") -> str:
+    """The skip reason for an error in `IMAGE_ERRORS`: TOO_LARGE for a decompression bomb, else `other`."""
+    return TOO_LARGE if isinstance(e, Image.DecompressionBombError) else other
+
+
+def open_rgb(path: Any, report: SkipReport, policy: str, where: str) -> Image.Image | None:
+    """Decode an image (a path or a file object) fully (so a truncated file fails here, not mid-epoch); None when
+    skipped ("unreadable image", or "image too large" over Pillow's decompression-bomb limit)."""
     try:
         with Image.open(path) as im:
             im.load()
             return im.convert("RGB")
-    except (OSError, ValueError) as e:
-        reject(report, policy, "unreadable image", f"{where} ({type(e).__name__}: {e})")
+    except IMAGE_ERRORS as e:
+        name = f"{path}: " if isinstance(path, (str, os.PathLike)) and str(path) not in where else ""
+        reject(report, policy, image_reason(e), f"{where} ({name}{type(e).__name__}: {e})")
         return None

@@ -4,6 +4,14 @@
 of frame images (sorted naturally: frame2 before frame10) or frames in memory (a uint8 (F, H, W, 3) array, or a
 list of PIL images / (H, W, 3) arrays), and samples frames start, start+stride, ... (n_frames of them, or all).
 
+Untrusted files: frames are sampled before they are decoded or copied. A GIF's timeline is computed from its frame
+durations (read from the file's blocks, no pixels decoded) and only the source frames the sampled timeline
+indices map to are kept; a container is decoded up to the last sampled frame and only the sampled frames kept; a
+frame folder opens only the sampled files. A clip read from a file may hold at most MAX_FRAMES frames and
+MAX_PIXELS pixels (frames x height x width), checked before the frames are decoded: beyond that it is a
+`VideoError` "video too long" / "video too large" (a counted skip for the pair readers under bad_rows="skip").
+A frame over Pillow's decompression-bomb limit (kept on) is "image too large".
+
 GIF timing: Pillow merges identical consecutive frames when it writes a GIF and adds up their durations. A GIF
 whose frame durations are all whole multiples of the shortest one is therefore read on that shortest duration's
 timeline (a frame shown twice as long counts twice), which restores the merged frames; other GIFs are read frame
@@ -16,21 +24,26 @@ else to the source file's folder. A bad row is a counted skip with its reason or
 """
 from __future__ import annotations
 
+import bisect
 import csv
+import itertools
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-from PIL import Image, ImageSequence
+from PIL import Image
 
 from .pairs import BadRow, captioned_rows, check_ties, pair_label, source_rows, tie_left_out, write_pair_folder
-from .records import DataError, SkipReport, check_policy, reject
+from .records import IMAGE_ERRORS, DataError, SkipReport, check_policy, image_reason, reject
 
 CONTAINER_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+MAX_FRAMES = 1024  # frames per clip read from a file ("video too long" beyond)
+MAX_PIXELS = 2 ** 27  # frames x height x width per clip read from a file, ~400 MB as uint8 RGB ("video too large")
 _NATIVE, _LABELLED = ("video_w", "video_l"), ("video_0", "video_1")
 _CORE = ("caption", *_NATIVE, *_LABELLED, "label_0")
 
@@ -59,12 +72,22 @@ def _frames_needed(n_frames: int | None, stride: int, start: int) -> int | None:
     return None if n_frames is None else start + (n_frames - 1) * stride + 1
 
 
-def _sample(total: int, n_frames: int | None, stride: int, start: int, where: Any) -> list[int]:
+def _sample(total: int, n_frames: int | None, stride: int, start: int, where: Any) -> range:
     need = _frames_needed(n_frames, stride, start)
     if total <= start or (need is not None and total < need):
         raise VideoError(where, "video too short", f"{total} frame(s); start={start}, stride={stride}, "
                          f"n_frames={n_frames} needs {need if need is not None else start + 1}")
-    return list(range(start, total if need is None else need, stride))
+    return range(start, total if need is None else need, stride)
+
+
+def _check_clip(n: int, size: tuple[int, int] | None, where: Any) -> None:
+    """Refuse a clip of n frames of `size` (width, height; None: not known yet) over MAX_FRAMES or MAX_PIXELS."""
+    if n > MAX_FRAMES:
+        raise VideoError(where, "video too long", f"{n} frames asked for, at most MAX_FRAMES={MAX_FRAMES} per clip; "
+                         "sample fewer with n_frames / stride")
+    if size is not None and n * size[0] * size[1] > MAX_PIXELS:
+        raise VideoError(where, "video too large", f"{n} frames of {size[0]}x{size[1]} = {n * size[0] * size[1]} "
+                         f"pixels, at most MAX_PIXELS={MAX_PIXELS} per clip")
 
 
 def _check_sizes(frames: list[np.ndarray], names: list[Any]) -> None:
@@ -92,33 +115,90 @@ def _in_memory(frames: Any) -> list[np.ndarray]:
     return frames
 
 
-def _gif_frames(path: Path, timeline: bool) -> list[np.ndarray]:
+def _sub_blocks(f) -> Iterator[bytes]:
+    """A GIF's data sub-blocks, up to the block terminator."""
+    while (n := f.read(1)) and n[0]:
+        yield f.read(n[0])
+
+
+def _gif_durations(path: Path) -> list[int]:
+    """Each frame's duration in ms (0 without one), read from the GIF's blocks as Pillow reads them, no pixels
+    decoded."""
+    out, duration = [], 0
+    with open(path, "rb") as f:
+        head = f.read(13)
+        if len(head) == 13 and head[10] & 0x80:  # global colour table
+            f.seek(3 << ((head[10] & 7) + 1), 1)
+        while (tag := f.read(1)) not in (b"", b";"):
+            if tag == b"!":  # extension: a graphic control block holds the next frame's delay in 1/100 s
+                label, blocks = f.read(1), _sub_blocks(f)
+                first = next(blocks, None)
+                if label == b"\xf9" and first is not None and len(first) >= 3:
+                    duration = (first[1] | first[2] << 8) * 10
+                for _ in blocks:
+                    pass
+            elif tag == b",":  # image: descriptor, local colour table, LZW code size, data
+                desc = f.read(9)
+                if len(desc) < 9:
+                    break
+                if desc[8] & 0x80:
+                    f.seek(3 << ((desc[8] & 7) + 1), 1)
+                f.read(1)
+                for _ in _sub_blocks(f):
+                    pass
+                out.append(duration)
+                duration = 0
+    return out
+
+
+def _gif_frames(path: Path, n_frames: int | None, stride: int, start: int, timeline: bool) -> list[np.ndarray]:
+    """The sampled frames of a GIF's timeline; only the source frames they map to are converted and kept (Pillow
+    composes each frame on the one before, so the frames before the last one sampled are decoded, not kept)."""
     with Image.open(path) as im:
         if im.format != "GIF":
             raise VideoError(path, "unreadable video", f"not a GIF but {im.format}")
-        pairs = [(np.asarray(f.convert("RGB")), int(f.info.get("duration") or 0)) for f in ImageSequence.Iterator(im)]
-    base = min(d for _, d in pairs)
-    if timeline and base > 0 and all(d % base == 0 for _, d in pairs):
-        return [f for f, d in pairs for _ in range(d // base)]
-    return [f for f, _ in pairs]
+        durations = _gif_durations(path)
+        if len(durations) != im.n_frames:
+            raise VideoError(path, "unreadable video", f"{len(durations)} frame(s) in its block structure but "
+                             f"Pillow reads {im.n_frames}")
+        base = min(durations)
+        on_timeline = timeline and base > 0 and all(d % base == 0 for d in durations)
+        ends = list(itertools.accumulate(d // base if on_timeline else 1 for d in durations))
+        picked = _sample(ends[-1], n_frames, stride, start, path)
+        size = im.size
+        _check_clip(len(picked), size, path)
+        sources = [bisect.bisect_right(ends, t) for t in picked]
+        decoded = {}
+        for k in sorted(set(sources)):
+            im.seek(k)
+            if im.size != size:  # Pillow grows the canvas for a frame reaching past it
+                raise VideoError(f"{path} frame {k}", "mixed frame sizes", f"{im.width}x{im.height} but frame 0 is "
+                                 f"{size[0]}x{size[1]}")
+            decoded[k] = np.asarray(im.convert("RGB"))
+    return [decoded[k] for k in sources]
 
 
-def _container_frames(path: Path, need: int | None) -> list[np.ndarray]:
+def _container_frames(path: Path, n_frames: int | None, stride: int, start: int) -> list[np.ndarray]:
     try:
         import av
     except ImportError as e:
         raise ImportError(f"reading {path} needs PyAV: pip install av") from e
-    frames = []
+    need = _frames_needed(n_frames, stride, start)
+    frames, total = [], 0
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise VideoError(path, "unreadable video", "no video stream")
             for frame in container.decode(video=0):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if need is not None and len(frames) >= need:
+                if total >= start and (total - start) % stride == 0:  # sampled: checked, then converted
+                    _check_clip(n_frames or len(frames) + 1, (frame.width, frame.height), path)
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                total += 1
+                if need is not None and total >= need:
                     break
     except av.FFmpegError as e:
         raise VideoError(path, "unreadable video", f"{type(e).__name__}: {e}") from e
+    _sample(total, n_frames, stride, start, path)  # "video too short" when it ended early
     return frames
 
 
@@ -128,15 +208,48 @@ def _folder_frames(folder: Path, n_frames: int | None, stride: int, start: int) 
     if not files:
         raise VideoError(folder, "no frames", f"no {'/'.join(FRAME_SUFFIXES)} files in this folder")
     picked = [files[i] for i in _sample(len(files), n_frames, stride, start, folder)]
-    frames = []
+    _check_clip(len(picked), None, folder)
+    frames, size = [], None
     for p in picked:
         try:
-            with Image.open(p) as im:
+            with Image.open(p) as im:  # the header only: sizes are checked before pixels are decoded
+                if size is None:
+                    size = im.size
+                    _check_clip(len(picked), size, folder)
+                elif im.size != size:
+                    raise VideoError(p, "mixed frame sizes", f"{im.width}x{im.height} but {picked[0]} is "
+                                     f"{size[0]}x{size[1]}")
                 im.load()
                 frames.append(np.asarray(im.convert("RGB")))
-        except (OSError, ValueError) as e:
-            raise VideoError(p, "unreadable frame", f"{type(e).__name__}: {e}") from e
-    _check_sizes(frames, picked)
+        except VideoError:
+            raise
+        except IMAGE_ERRORS as e:
+            raise VideoError(p, image_reason(e, "unreadable frame"), f"{type(e).__name__}: {e}") from e
+    return frames
+
+
+def _file_frames(path: Path, n_frames: int | None, stride: int, start: int, gif_timeline: bool) -> list[np.ndarray]:
+    """The sampled frames of a file or folder, read within MAX_FRAMES / MAX_PIXELS."""
+    suffix = path.suffix.lower()
+    if not path.is_dir() and not path.is_file():
+        raise VideoError(path, "video file not found")
+    if path.is_file() and suffix != ".gif" and suffix not in CONTAINER_SUFFIXES:
+        raise VideoError(path, "unsupported video file", f"expected .gif, {', '.join(CONTAINER_SUFFIXES)} "
+                         "or a folder of frames")
+    if n_frames is not None:
+        _check_clip(n_frames, None, path)
+    if path.is_dir():
+        return _folder_frames(path, n_frames, stride, start)
+    if suffix in CONTAINER_SUFFIXES:
+        frames = _container_frames(path, n_frames, stride, start)
+    else:
+        try:
+            frames = _gif_frames(path, n_frames, stride, start, gif_timeline)
+        except VideoError:
+            raise
+        except (*IMAGE_ERRORS, EOFError, IndexError, struct.error) as e:
+            raise VideoError(path, image_reason(e, "unreadable video"), f"{type(e).__name__}: {e}") from e
+    _check_sizes(frames, [f"{path} frame {start + k * stride}" for k in range(len(frames))])
     return frames
 
 
@@ -144,33 +257,14 @@ def read_video(source: Any, n_frames: int | None = None, stride: int = 1, start:
                as_array: bool = False, gif_timeline: bool = True) -> list[Image.Image] | np.ndarray:
     """Frames start, start+stride, ..., (n_frames of them; all to the end when None) as RGB PIL images, or as a
     uint8 (F, H, W, 3) array with `as_array`. Raises `VideoError` (a `DataError`) naming the file for a missing,
-    unreadable or unsupported file, an empty folder, mixed frame sizes, or fewer frames than the sampling needs."""
+    unreadable or unsupported file, an empty folder, mixed frame sizes, fewer frames than the sampling needs, or a
+    clip from a file over MAX_FRAMES ("video too long") or MAX_PIXELS ("video too large")."""
     _check_sampling(n_frames, stride, start)
-    if not isinstance(source, (str, os.PathLike)):
+    if isinstance(source, (str, os.PathLike)):
+        frames = _file_frames(Path(source), n_frames, stride, start, gif_timeline)
+    else:
         frames = _in_memory(source)
         frames = [frames[i] for i in _sample(len(frames), n_frames, stride, start, "<frames in memory>")]
-    else:
-        path = Path(source)
-        if path.is_dir():
-            frames = _folder_frames(path, n_frames, stride, start)
-        elif not path.is_file():
-            raise VideoError(path, "video file not found")
-        else:
-            suffix = path.suffix.lower()
-            if suffix == ".gif":
-                try:
-                    frames = _gif_frames(path, gif_timeline)
-                except VideoError:
-                    raise
-                except (OSError, ValueError) as e:
-                    raise VideoError(path, "unreadable video", f"{type(e).__name__}: {e}") from e
-            elif suffix in CONTAINER_SUFFIXES:
-                frames = _container_frames(path, _frames_needed(n_frames, stride, start))
-            else:
-                raise VideoError(path, "unsupported video file", f"expected .gif, {', '.join(CONTAINER_SUFFIXES)} "
-                                 "or a folder of frames")
-            frames = [frames[i] for i in _sample(len(frames), n_frames, stride, start, path)]
-            _check_sizes(frames, [f"{path} frame {start + k * stride}" for k in range(len(frames))])
     if as_array:
         return np.stack(frames)
     return [Image.fromarray(f) for f in frames]

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Union
 from PIL import Image
 
 from .pairs import HUB_ID, BadRow, source_rows
-from .records import DataError, SkipReport, check_policy, reject
+from .records import IMAGE_ERRORS, DataError, SkipReport, check_policy, image_reason, reject
 
 ImageSource = Union[Path, bytes]
 FORMATS = ("trl", "rlaif_v", "vlfeedback", "mm_rlhf")
@@ -52,7 +52,6 @@ _TEXT_COLS = {"trl": ("prompt", "chosen", "rejected"), "rlaif_v": ("question", "
               "mm_rlhf": ("prompt", "chosen", "rejected"), "vlfeedback": ("prompt", "completions")}
 _IMAGE_COLS = {"trl": ("images", "image"), "rlaif_v": ("image",), "mm_rlhf": ("images", "image"),
                "vlfeedback": ("image", "img_path")}
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -216,8 +215,8 @@ def _verify(src: Path | bytes, ctx: _Ctx) -> None:
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
             im.load() if ctx.check == "load" else im.verify()
-    except _IMAGE_ERRORS as e:
-        raise _Reject("unreadable image", f" ({type(e).__name__}: {e})") from None
+    except IMAGE_ERRORS as e:
+        raise _Reject(image_reason(e), f" ({type(e).__name__}: {e})") from None
 
 
 def _images(row: dict, cols: tuple[str, ...], ctx: _Ctx) -> tuple[ImageSource, ...]:
@@ -243,8 +242,8 @@ def load_images(record: VLPair | VLConversation) -> list[Image.Image]:
             with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
                 im.load()
                 out.append(im.convert("RGB"))
-        except _IMAGE_ERRORS as e:
-            raise DataError(f"{record.where} images[{k}]: unreadable image ({type(e).__name__}: {e})") from e
+        except IMAGE_ERRORS as e:
+            raise DataError(f"{record.where} images[{k}]: {image_reason(e)} ({type(e).__name__}: {e})") from e
     return out
 
 

@@ -119,14 +119,24 @@ def read_samples(path: Path, label: str) -> SampleSet:
 
 def image_uri(path: Path, max_side: int = MAX_SIDE) -> tuple[str, int]:
     """(data URI, longest side in px). Small PNG/JPEG/GIF files are embedded byte for byte; larger images are
-    downscaled to `max_side` (animated GIFs frame by frame, keeping durations and looping)."""
+    downscaled to `max_side` (animated GIFs frame by frame, keeping durations and looping). An image over Pillow's
+    decompression-bomb limit is not decoded: a placeholder naming the file and "image too large" stands in."""
+    from html import escape
+
     from PIL import Image, ImageSequence
+
+    from ..datasets.records import IMAGE_ERRORS, TOO_LARGE, image_reason
 
     try:
         im = Image.open(path)
         im.load()
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: not a readable image ({e})") from None
+    except IMAGE_ERRORS as e:
+        if image_reason(e) != TOO_LARGE:
+            raise DataError(f"{path}: not a readable image ({e})") from None
+        svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{max_side}" height="{max_side // 2}">'
+               f'<rect width="100%" height="100%" fill="#fee"/><text x="6" y="20" font-size="14">{TOO_LARGE}</text>'
+               f'<text x="6" y="40" font-size="11">{escape(Path(path).name)}</text></svg>')
+        return f"data:image/svg+xml;base64,{base64.b64encode(svg.encode()).decode('ascii')}", max_side
     mime = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif"}.get(im.format)
     side = max(im.size)
     if mime and side <= max_side:
