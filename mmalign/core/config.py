@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -16,7 +17,20 @@ class ConfigError(ValueError):
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2-style scalars: only true/false are bools (`no` stays a string), `1e-5` is a float."""
+    """YAML 1.2-style scalars: only true/false are bools (`no` stays a string), `1e-5` is a float.
+    A mapping that sets a key twice is an error (PyYAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:  # before merge keys (`<<`) are flattened in: a merged key may be overridden
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, mark = (key_node.tag, key_node.value), key_node.start_mark
+            if key in seen:
+                raise ConfigError(f"{mark.name}: line {mark.line + 1}: duplicate key '{key_node.value}' (first set on "
+                                  f"line {seen[key]}); a mapping may set each key once")
+            seen[key] = mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 _BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
@@ -32,27 +46,85 @@ _Loader.add_implicit_resolver(
 )
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric field (see `bounded`); a float must also be finite."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def admits(self, v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        return ((self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
+                and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)))
+
+    def __str__(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        if self.hi is not None:
+            return f"{'<' if self.hi_open else '<='} {self.hi}"
+        return "a finite number"
+
+
+def bounded(default, lo=None, hi=None, lo_open=False, hi_open=False):
+    """A dataclass field whose value (each item, for a tuple) must lie in the range; checked when a config
+    loads (`from_dict`) and by `check_ranges`. No bounds: any finite number."""
+    return field(default=default, metadata={"range": Range(lo, hi, lo_open, hi_open)})
+
+
+def _check_range(f: dataclasses.Field, value, key: str) -> None:
+    rng = f.metadata.get("range")
+    if rng is None or value is None:
+        return
+    items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
+    for i, v in items:
+        if not rng.admits(v):
+            bound = str(rng)
+            if isinstance(v, float) and not math.isfinite(v) and bound != "a finite number":
+                bound = f"a finite number {bound}"
+            raise _Bad(key if i is None else f"{key}[{i}]", f"must be {bound}, got {v!r}")
+
+
+def check_ranges(obj, prefix: str = "") -> None:
+    """Range-check a config dataclass built in Python (the loader checks what it builds); a ConfigError names
+    the dotted key."""
+    def walk(o, pre):
+        for f in dataclasses.fields(o):
+            key, value = f"{pre}.{f.name}" if pre else f.name, getattr(o, f.name)
+            _check_range(f, value, key)
+            if dataclasses.is_dataclass(value):
+                walk(value, key)
+    try:
+        walk(obj, prefix)
+    except _Bad as e:
+        raise ConfigError(f"{e.args[0]}: {e.args[1]}") from None
+
+
 @dataclass
 class TrainConfig:
-    lr: float = 1e-4
-    max_steps: int = 100
-    max_minutes: float = 0.0  # > 0: stop (checkpoint saved, resumable) once this much training time has passed
-    batch_size: int = 8  # per device, per micro-batch
-    grad_accum: int = 1
+    lr: float = bounded(1e-4, 0, lo_open=True)
+    max_steps: int = bounded(100, 1)
+    max_minutes: float = bounded(0.0, 0)  # > 0: stop (checkpoint saved, resumable) after this much training time
+    batch_size: int = bounded(8, 1)  # per device, per micro-batch
+    grad_accum: int = bounded(1, 1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    max_grad_norm: Optional[float] = 1.0  # 0 or None disables clipping
+    max_grad_norm: Optional[float] = bounded(1.0, 0)  # 0 or None disables clipping
     optimizer: Literal["adamw", "adafactor"] = "adamw"
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = bounded(0.0, 0)
+    adam_betas: tuple[float, float] = bounded((0.9, 0.999), 0, 1, hi_open=True)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = 0
-    seed: int = 0
-    log_every: int = 10
-    save_every: int = 0  # 0: only at the end
-    keep_last: int = 3  # checkpoints kept; 0 keeps all
+    warmup_steps: int = bounded(0, 0)
+    seed: int = bounded(0, 0, 2**32 - 1)  # numpy's seed range
+    log_every: int = bounded(10, 1)
+    save_every: int = bounded(0, 0)  # 0: only at the end
+    keep_last: int = bounded(3, 0)  # checkpoints kept; 0 keeps all
     tensorboard: bool = False
-    resume: str = "auto"  # "auto" | "never" | path to a checkpoint dir
-    num_workers: int = 0
+    resume: str = "auto"  # "auto" (this run's own) | "never" | "force" (whatever is there) | a checkpoint dir
+    num_workers: int = bounded(0, 0)
 
 
 @dataclass
@@ -124,6 +196,7 @@ def _build(cls, data: dict, prefix: str):
         if k not in fields:
             raise _Bad(key, f"unknown key (known: {', '.join(fields)})")
         kwargs[k] = _convert(hints[k], v, key)
+        _check_range(fields[k], kwargs[k], key)
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise _Bad(f"{prefix}.{name}" if prefix else name, "missing required key")
@@ -140,7 +213,7 @@ def from_dict(cls, data: dict, where: str, prefix: str = "", overrides: dict[str
     except _Bad as e:
         key, msg = e.args
         src = next((f" (from override '{o}')" for k, o in (overrides or {}).items()
-                    if key == k or key.startswith(k + ".")), "")
+                    if key == k or key.startswith((k + ".", k + "["))), "")
         raise ConfigError(f"{where}: {key}: {msg}{src}") from None
 
 
@@ -157,7 +230,10 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict[s
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}': {'.'.join(parts[:i + 1])} is not a section")
-        node[parts[-1]] = yaml.load(text, Loader=_Loader)
+        try:
+            node[parts[-1]] = yaml.load(text, Loader=_Loader)
+        except (yaml.YAMLError, ConfigError) as e:
+            raise ConfigError(f"override '{item}': invalid YAML value: {e}") from None
         applied[key.strip()] = item
     return applied
 

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..core.config import ConfigError
+from ..core.config import ConfigError, bounded
 from ..datasets.records import SkipReport
 from .latent_method import LatentDiffusionMethod, UNetPolicy
 from .lora import ATTENTION_PROJECTIONS, add_lora
@@ -25,8 +25,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass
 class PrefModelConfig:
     pretrained: str  # pipeline directory or hub id (SD1.5- or SDXL-format; detected)
-    lora_rank: int = 0  # 0: full fine-tune of the UNet
-    lora_alpha: int = 0  # 0: same as rank
+    lora_rank: int = bounded(0, 0)  # 0: full fine-tune of the UNet
+    lora_alpha: int = bounded(0, 0)  # 0: same as rank
     lora_targets: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
     reference: Literal["frozen_copy", "adapters_off"] = "frozen_copy"  # adapters_off needs lora_rank > 0
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # frozen weights' dtype; below fp32 LoRA only (adapters, VAE fp32)
@@ -35,26 +35,27 @@ class PrefModelConfig:
 @dataclass
 class PairDataConfig:
     path: str  # Pick-a-Pic-format pairs: jsonl / parquet / folder / HF datasets dir or hub id
-    resolution: int = 0  # 0: the model's native resolution
+    resolution: int = bounded(0, 0)  # 0: the model's native resolution
     ties: Literal["drop", "error"] = "drop"  # drop: counted
     bad_rows: Literal["skip", "error"] = "skip"  # skip: counted, reported
-    caption_dropout: float = 0.0  # per pair: both images lose the caption together (Salesforce: 0.2)
+    caption_dropout: float = bounded(0.0, 0, 1)  # per pair: both images lose the caption together (Salesforce: 0.2)
     random_flip: bool = False  # per pair: both images flipped together
     cache_dir: str = ".cache/mmalign"  # "" disables the persistent latent/text cache
-    encode_batch: int = 8  # pairs per VAE call (x2 images, x2 again with flips): mind 1024 px
+    encode_batch: int = bounded(8, 1)  # pairs per VAE call (x2 images, x2 again with flips): mind 1024 px
 
 
 @dataclass
 class ObjectiveConfig:
     """Knobs of the objectives; each method reads the ones it documents."""
-    beta: float = 5000.0  # DPO-family temperature, SDXL/Salesforce convention (diffusers' SD1.5 example: 2x ours)
-    sft_weight: float = 0.0  # DPO/InPO: + sft_weight * err_theta(winner) (an RPO-style anchor on the winners)
-    cca_lambda: float = 1.0  # CCA: weight of the mismatched-caption term (plays the role of the CFG scale)
-    cca_uncond_ratio: float = 0.1  # CCA: share of positives trained on the empty caption
-    inversion_grid_steps: int = 10  # InPO: inverse DDIM grid 1, 101, ..., 901
-    inversion_noise: float = 0.1  # InPO: noise after each inverse step, times the DDIM(eta=1) sigma
-    inversion_steps: int = 40  # Inversion-DPO: DDIM inversion steps with the reference
-    bco_delta_decay: float = 0.99  # BCO: running mean of rewards, delta
+    # DPO-family temperature, SDXL/Salesforce convention (diffusers' SD1.5 example: 2x ours)
+    beta: float = bounded(5000.0, 0, lo_open=True)
+    sft_weight: float = bounded(0.0, 0)  # DPO/InPO: + sft_weight * err_theta(winner) (RPO-style anchor on winners)
+    cca_lambda: float = bounded(1.0, 0)  # CCA: weight of the mismatched-caption term (plays the role of the CFG scale)
+    cca_uncond_ratio: float = bounded(0.1, 0, 1)  # CCA: share of positives trained on the empty caption
+    inversion_grid_steps: int = bounded(10, 1)  # InPO: inverse DDIM grid 1, 101, ..., 901
+    inversion_noise: float = bounded(0.1, 0)  # InPO: noise after each inverse step, x DDIM(eta=1) sigma; 0: none
+    inversion_steps: int = bounded(40, 1)  # Inversion-DPO: DDIM inversion steps with the reference
+    bco_delta_decay: float = bounded(0.99, 0, 1, hi_open=True)  # BCO: running mean of rewards, delta
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2 as T
 
+from ..core.config import bounded
 from ..datasets.records import SkipReport, open_rgb, read_caption_folder
 from .latent_method import LatentDiffusionMethod, UNetPolicy
 from .lora import ATTENTION_PROJECTIONS, add_lora
@@ -24,19 +25,19 @@ from .pipeline import diffusion_target, tokenize
 class ModelConfig:
     pretrained: str  # pipeline directory or hub id
     train_text_encoder: bool = False
-    lora_rank: int = 0  # 0: full fine-tune of the UNet
-    lora_alpha: int = 0  # 0: same as rank
+    lora_rank: int = bounded(0, 0)  # 0: full fine-tune of the UNet
+    lora_alpha: int = bounded(0, 0)  # 0: same as rank
     lora_targets: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
 
 
 @dataclass
 class DataConfig:
     path: str  # imagefolder: metadata.jsonl with file_name, text
-    resolution: int = 0  # 0: the model's native resolution
-    caption_dropout: float = 0.0  # probability of training on the empty prompt (for CFG)
+    resolution: int = bounded(0, 0)  # 0: the model's native resolution
+    caption_dropout: float = bounded(0.0, 0, 1)  # probability of training on the empty prompt (for CFG)
     random_flip: bool = False  # off by default: a flip contradicts "left of" captions
     bad_rows: Literal["skip", "error"] = "skip"  # skip: counted, reported
-    encode_batch: int = 32
+    encode_batch: int = bounded(32, 1)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from accelerate.utils import send_to_device
 
-from ..core.config import ConfigError
+from ..core.config import ConfigError, bounded
 from ..core.reference import make_reference
 from ..datasets.records import SkipReport
 from .data import Encoder, ListDataset, collate_pairs, finish_dataset
@@ -34,23 +34,24 @@ class VLPairDataConfig:
     ties: Literal["drop", "error"] = "drop"  # VLFeedback rating ties: drop (counted) or error
     bad_rows: Literal["skip", "error"] = "skip"  # skip: counted, reported
     image_root: str = ""  # base folder for relative image paths ("" = the data file's folder)
-    max_length: int = 0  # 0 = no limit; longer rows lose trailing answer tokens, never prompt/image tokens
+    max_length: int = bounded(0, 0)  # 0 = no limit; longer rows lose trailing answer tokens, never prompt/image tokens
     ref_cache_dir: str = ".cache/mmalign/ref_logps"
-    ref_batch_size: int = 8
+    ref_batch_size: int = bounded(8, 1)
     pack_pairs: Literal["auto", "on", "off"] = "auto"  # one [prompt][chosen][rejected] row per pair (packing.py)
 
 
 @dataclass
 class DPOObjective:
-    beta: float = 0.1
+    beta: float = bounded(0.1, 0, lo_open=True)
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    label_smoothing: float = 0.0  # sigmoid (conservative DPO) and robust
-    rpo_alpha: float = 0.0  # + alpha * NLL of the chosen answers (RPO / DPO+SFT)
-    mmdpo_w: float = 0.0  # MM-DPO: beta_i = beta * (1 + w * (1 - exp(-k * margin_i))); 0 = fixed beta
-    mmdpo_k: float = 0.5
-    crop_min: float = 0.01  # mDPO: the cropped image keeps this..crop_max of the area
-    crop_max: float = 0.2
-    anchor: float = 0.0  # mDPO: the anchor's margin delta
+    label_smoothing: float = bounded(0.0, 0, 0.5, hi_open=True)  # sigmoid (conservative DPO) and robust
+    rpo_alpha: float = bounded(0.0, 0)  # + alpha * NLL of the chosen answers (RPO / DPO+SFT)
+    mmdpo_w: float = bounded(0.0, 0)  # MM-DPO: beta_i = beta * (1 + w * (1 - exp(-k * margin_i))); 0 = fixed beta
+    mmdpo_k: float = bounded(0.5, 0)
+    # mDPO: the cropped image keeps crop_min..crop_max of the area
+    crop_min: float = bounded(0.01, 0, 1, lo_open=True, hi_open=True)
+    crop_max: float = bounded(0.2, 0, 1, lo_open=True, hi_open=True)
+    anchor: float = bounded(0.0)  # mDPO: the anchor's margin delta
 
 
 @dataclass
@@ -67,12 +68,8 @@ class MLLMDPO:
     def __init__(self, cfg: VLDPOConfig, output_dir: str):
         self.cfg, self.output_dir = cfg, output_dir
         o = cfg.objective
-        if not 0 <= o.label_smoothing < 0.5:
-            raise ConfigError("objective.label_smoothing: must be in [0, 0.5)")
-        if o.beta <= 0:
-            raise ConfigError("objective.beta: must be > 0")
-        if self.crops and not 0 < o.crop_min <= o.crop_max < 1:
-            raise ConfigError("objective.crop_min/crop_max: need 0 < crop_min <= crop_max < 1")
+        if self.crops and o.crop_min > o.crop_max:  # each in (0, 1): a field range
+            raise ConfigError(f"objective.crop_min: must be <= objective.crop_max, got {o.crop_min} > {o.crop_max}")
         self.ref_kind = reference_kind(cfg.model)
         self.ref_logps = None
         self.pack = False

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from ..core.config import ConfigError
+from ..core.config import ConfigError, bounded
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VISION_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder")
@@ -21,9 +21,9 @@ LM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 class VLModelConfig:
     pretrained: str  # model directory or hub id
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # weights' dtype; below fp32 only with LoRA (adapters fp32)
-    lora_rank: int = 0  # 0: full fine-tune of the language model
-    lora_alpha: int = 0  # 0: 2 x rank
-    lora_dropout: float = 0.0
+    lora_rank: int = bounded(0, 0)  # 0: full fine-tune of the language model
+    lora_alpha: int = bounded(0, 0)  # 0: 2 x rank
+    lora_dropout: float = bounded(0.0, 0, 1, hi_open=True)
     lora_targets: list[str] = field(default_factory=lambda: list(LM_LINEAR))  # language-model module names
     train_vision: bool = False
     train_projector: bool = False
@@ -57,8 +57,6 @@ def load_vlm(source: str, dtype: str = "fp32", attn_implementation: str = ""):
 def prepare_trainable(model: torch.nn.Module, cfg: VLModelConfig) -> torch.nn.Module:
     """Freeze/unfreeze per the config; with lora_rank > 0 wrap in a peft PeftModel (a trained projector then
     goes in `modules_to_save`, so the adapter export carries it)."""
-    if cfg.lora_rank < 0:
-        raise ConfigError("model.lora_rank: must be >= 0")
     if cfg.dtype != "fp32" and cfg.lora_rank == 0:
         raise ConfigError("model.dtype: below fp32 only with LoRA (a full fine-tune keeps fp32 master weights; "
                           "use train.mixed_precision)")

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from ..core.config import ConfigError
+from ..core.config import ConfigError, bounded
 from ..datasets.records import SkipReport
 from .data import Encoder, ListDataset, finish_dataset
 from .encoding import pad_batch, pad_id_of
@@ -23,7 +23,7 @@ class VLConversationDataConfig:
     path: str  # TRL VLM SFT format (images + messages, or prompt + completion); jsonl / parquet / HF datasets
     bad_rows: Literal["skip", "error"] = "skip"  # skip: counted, reported
     image_root: str = ""
-    max_length: int = 0  # 0 = no limit; rows are cut only after their last image token
+    max_length: int = bounded(0, 0)  # 0 = no limit; rows are cut only after their last image token
 
 
 @dataclass

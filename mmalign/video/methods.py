@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..core.config import ConfigError
+from ..core.config import ConfigError, bounded
 from ..datasets.records import SkipReport
 from ..diffusion.latent_method import LatentDiffusionMethod, UNetPolicy
 from ..diffusion.lora import add_lora
@@ -36,13 +36,13 @@ from .temporal import LORA_PLACEMENTS, MotionSpec, add_alpha_blend, inflate, rep
 class VideoModelConfig:
     pretrained: str  # SD1.5-format image pipeline (directory or hub id); its weights stay frozen
     motion_adapter: str = ""  # MotionAdapter directory or hub id; "" = fresh, sized to the UNet, outputs zeroed
-    motion_heads: int = 8  # fresh adapter: heads per motion module
-    motion_layers: int = 1  # fresh adapter: temporal transformer layers per motion module
-    max_frames: int = 32  # fresh adapter: frame-position table length
+    motion_heads: int = bounded(8, 1)  # fresh adapter: heads per motion module
+    motion_layers: int = bounded(1, 1)  # fresh adapter: temporal transformer layers per motion module
+    max_frames: int = bounded(32, 1)  # fresh adapter: frame-position table length
     blend: Literal["none", "alpha"] = "none"  # alpha (Video-LDM): alpha*z_spatial + (1-alpha)*z_temporal, learned
-    alpha_init: float = 0.5
+    alpha_init: float = bounded(0.5, 0, 1, lo_open=True, hi_open=True)  # blend: alpha; learned as sigmoid(param)
     train_motion: bool = True  # the motion modules' own weights train (false: only LoRA / alpha)
-    lora_rank: int = 0  # 0: no LoRA
+    lora_rank: int = bounded(0, 0)  # 0: no LoRA
     lora_where: Literal["spatial", "cross", "temporal", "both"] = "spatial"  # temporal.LORA_PLACEMENTS
     reference: Literal["frozen_copy", "adapters_off"] = "frozen_copy"  # video_dpo; adapters_off: LoRA-only training
 
@@ -50,19 +50,19 @@ class VideoModelConfig:
 @dataclass
 class VideoDataConfig:
     path: str = ""  # video_temporal: metadata.jsonl folder (file_name: clip, text); video_dpo: read_video_pairs
-    shapeworld_clips: int = 0  # video_temporal without `path`: this many ShapeWorld clips (sample_clip)
-    seed: int = 0  # ShapeWorld clips' seed
-    num_frames: int = 8
-    resolution: int = 0  # 0: the model's native resolution
-    caption_dropout: float = 0.0  # per video (per pair for DPO: both videos together)
+    shapeworld_clips: int = bounded(0, 0)  # video_temporal without `path`: this many ShapeWorld clips (sample_clip)
+    seed: int = bounded(0, 0)  # ShapeWorld clips' seed
+    num_frames: int = bounded(8, 1)
+    resolution: int = bounded(0, 0)  # 0: the model's native resolution
+    caption_dropout: float = bounded(0.0, 0, 1)  # per video (per pair for DPO: both videos together)
     ties: Literal["drop", "error"] = "drop"
     bad_rows: Literal["skip", "error"] = "skip"
-    encode_batch: int = 64  # frames per VAE call
+    encode_batch: int = bounded(64, 1)  # frames per VAE call
 
 
 @dataclass
 class VideoObjectiveConfig:
-    beta: float = 5000.0  # Diffusion-DPO, SDXL/Salesforce convention (the 1/2 inside)
+    beta: float = bounded(5000.0, 0, lo_open=True)  # Diffusion-DPO, SDXL/Salesforce convention (the 1/2 inside)
 
 
 @dataclass
