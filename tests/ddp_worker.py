@@ -4,12 +4,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import save_file
 
 from mmalign.core import load_experiment, train
+from mmalign.core.checkpoint import NOT_IDENTITY
 from mmalign.datasets.records import SkipReport
 
 
@@ -19,9 +20,10 @@ class ToyArgs:
     dim: int = 4
     dropout: float = 0.0  # > 0: uses the torch RNG, so exact resume tests RNG restore
     noise: float = 0.0  # target noise drawn from the torch RNG
-    nan_at_call: int = 0  # loss() call that returns NaN
-    raise_at_call: int = 0  # loss() call that raises (a clean crash)
-    kill_at_call: int = 0  # loss() call that SIGKILLs its own process (a hard crash)
+    # fault injection: not part of the run's identity, so the run resumes once it is switched off
+    nan_at_call: int = field(default=0, metadata=NOT_IDENTITY)  # loss() call that returns NaN
+    raise_at_call: int = field(default=0, metadata=NOT_IDENTITY)  # loss() call that raises (a clean crash)
+    kill_at_call: int = field(default=0, metadata=NOT_IDENTITY)  # loss() call that SIGKILLs its process
 
 
 @dataclass

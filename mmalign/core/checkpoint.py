@@ -1,10 +1,13 @@
 """Atomic, resumable checkpoints: <root>/step-00000100/ plus a `latest` pointer file.
 
 A checkpoint is built in <root>/.tmp-step-XXXXXXXX, fsynced, then renamed into place; `latest` is
-replaced atomically afterwards. So `latest` always names a complete checkpoint.
+replaced atomically afterwards. So `latest` always names a complete checkpoint. Each one records its run's
+identity (`run_identity`), so a run resumes only its own checkpoints; one damaged after the fact (a truncated
+file) is a `CheckpointError` naming the checkpoint and the file, and `load_newest_intact` falls back past it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -16,7 +19,54 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import ConfigError
+
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+# Resolved-config keys that may change between a run and its resumption. Per-device batch size and accumulation
+# may change too, as long as their product with the world size (`train.global_batch`, in the identity) does not.
+RESUMABLE_KEYS = ("output_dir", *(f"train.{k}" for k in (
+    "max_steps", "max_minutes", "log_every", "save_every", "keep_last", "tensorboard", "num_workers", "resume",
+    "batch_size", "grad_accum")))
+# Metadata of a method config field that does not change the training trajectory (a cache folder, a precompute
+# batch size, a test's fault injection): `field(default=..., metadata=NOT_IDENTITY)` keeps it out of the identity.
+NOT_IDENTITY = {"run_identity": False}
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be read; the message names the checkpoint and the file. A ConfigError, so the
+    CLI reports it without a traceback: the way on is a setting (train.resume=never, or another checkpoint)."""
+
+
+def run_identity(exp, n_rows: int, global_batch: int) -> dict:
+    """{dotted key: value} of everything that makes a run this run: the resolved config (method, model, data
+    paths, objective, optimizer and schedule settings, seed) minus RESUMABLE_KEYS and NOT_IDENTITY fields,
+    plus the dataset's length and the global batch. Data files are named by path, not by content."""
+    flat: dict = {}
+
+    def walk(obj, key):
+        if dataclasses.is_dataclass(obj):
+            for f in dataclasses.fields(obj):
+                if f.metadata.get("run_identity", True):
+                    walk(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
+        elif isinstance(obj, dict) and obj:
+            for k, v in obj.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif key and key not in RESUMABLE_KEYS:
+            flat[key] = obj
+
+    walk({"method": exp.method, "output_dir": exp.output_dir, "train": exp.train}, "")
+    walk(exp.args or {}, "")
+    flat.update({"dataset_length": n_rows, "train.global_batch": global_batch})
+    return json.loads(json.dumps(flat, default=str))  # as it reads back from trainer_state.json
+
+
+def identity_diff(saved: dict, now: dict) -> list[str]:
+    """'key: saved -> now' for each key whose value differs (absent on one side included)."""
+    absent = "(absent)"
+    return [f"{k}: {json.dumps(saved.get(k, absent))} -> {json.dumps(now.get(k, absent))}"
+            for k in sorted(saved.keys() | now.keys())
+            if json.dumps(saved.get(k, absent)) != json.dumps(now.get(k, absent))]
 
 
 def step_dir(root: str, step: int) -> str:
@@ -121,18 +171,97 @@ def save_checkpoint(root: str, step: int, params: dict, optimizer: dict, schedul
     return final
 
 
-def load_checkpoint(path: str, rank: int = 0) -> dict:
-    """Everything saved in `path`; `rng` is None when no state was saved for this rank."""
-    def load(name):
-        return torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+def _read(path: str, name: str, reader):
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"checkpoint {path}: {name} is missing")
+    try:
+        return reader(file)
+    except Exception as e:  # truncated or garbled: SafetensorError, torch's zip reader, JSON, OSError, ...
+        raise CheckpointError(f"checkpoint {path}: {name} is unreadable ({type(e).__name__}: {str(e)[:200]})") from None
 
-    with open(os.path.join(path, "trainer_state.json")) as f:
+
+def _torch(file):
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _trainer_state(file):
+    with open(file) as f:
         state = json.load(f)
-    rng_file = f"rng_rank{rank}.pt"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError("not a mapping with an integer 'step'")
+    return state
+
+
+def load_checkpoint(path: str, rank: int = 0) -> dict:
+    """Everything saved in `path`; `rng` is None when no state was saved for this rank. Every file is read
+    (every rank's RNG state too, so all ranks agree on whether the checkpoint is intact); a missing or
+    unreadable one is a CheckpointError naming the checkpoint and the file."""
+    names = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    rngs = {n: _read(path, n, _torch) for n in names if re.fullmatch(r"rng_rank\d+\.pt", n)}
     return {
-        "trainer_state": state,
-        "params": load_file(os.path.join(path, "params.safetensors")),
-        "optimizer": load("optimizer.pt"),
-        "scheduler": load("scheduler.pt"),
-        "rng": load(rng_file) if os.path.exists(os.path.join(path, rng_file)) else None,
+        "trainer_state": _read(path, "trainer_state.json", _trainer_state),
+        "params": _read(path, "params.safetensors", load_file),
+        "optimizer": _read(path, "optimizer.pt", _torch),
+        "scheduler": _read(path, "scheduler.pt", _torch),
+        "rng": rngs.get(f"rng_rank{rank}.pt"),
     }
+
+
+def _candidates(root: str) -> list[str]:
+    """Checkpoints newest first, the one `latest` names (when it names one) first of all."""
+    found = list_checkpoints(root)[::-1]
+    try:
+        with open(os.path.join(root, "latest")) as f:
+            pointed = os.path.join(root, f.read().strip())
+    except (OSError, UnicodeDecodeError):
+        return found
+    return [pointed, *(p for p in found if p != pointed)] if pointed in found else found
+
+
+def load_newest_intact(root: str, rank: int = 0) -> tuple[str | None, dict | None, list[tuple[str, str]]]:
+    """(path, contents, skipped): the newest checkpoint under `root` that reads completely, and (path, problem)
+    for each newer one skipped as damaged. (None, None, []) when there is none; a CheckpointError when all are."""
+    skipped = []
+    for path in _candidates(root):
+        try:
+            return path, load_checkpoint(path, rank), skipped
+        except CheckpointError as e:
+            skipped.append((path, str(e)))
+    if skipped:
+        raise CheckpointError(f"no intact checkpoint in {root}: {'; '.join(m for _, m in skipped)} "
+                              f"(train.resume=never starts over)")
+    return None, None, []
+
+
+def set_aside(path: str, suffix: str) -> str:
+    """Rename checkpoint `path` to `path + suffix` (out of `list_checkpoints`' view; an older one there is
+    replaced); return the new path."""
+    target = path + suffix
+    if os.path.exists(target):
+        shutil.rmtree(target)
+    os.rename(path, target)
+    return target
+
+
+def retire_checkpoints(root: str) -> int:
+    """Move all checkpoints under `root` (and `latest`) into `root`/previous-run, replacing what an older
+    retirement left there, so a fresh run's saves and keep_last see only its own; return how many moved."""
+    found = list_checkpoints(root)
+    if not found:
+        return 0
+    dest = os.path.join(root, "previous-run")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(dest)
+    for path in found + [p for p in [os.path.join(root, "latest")] if os.path.exists(p)]:
+        os.rename(path, os.path.join(dest, os.path.basename(path)))
+    _fsync_dir(root)
+    return len(found)
+
+
+def fsync_tree(path: str) -> None:
+    """fsync every file and folder under `path` (before renaming it into place)."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            _fsync_file(os.path.join(folder, name))
+        _fsync_dir(folder)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import ConfigError, Experiment, TrainConfig, save_resolved
+from .config import ConfigError, Experiment, TrainConfig, check_ranges, save_resolved
 from .method import Method
 
 
@@ -71,13 +72,14 @@ def _make_scheduler(cfg: TrainConfig, optimizer):
 
 
 def _check(cfg: TrainConfig):
+    """Settings a run cannot start with, refused before the method builds anything."""
+    check_ranges(cfg, "train")  # the loader checks them too; this covers a TrainConfig built in Python
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision: fp16 needs a CUDA GPU; use 'bf16' or 'no' on CPU")
-    for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"train.{name}: must be >= 1, got {getattr(cfg, name)}")
-    if cfg.max_minutes < 0:
-        raise ConfigError(f"train.max_minutes: must be >= 0 (0 = no time limit), got {cfg.max_minutes}")
+    if cfg.resume not in ("auto", "never", "force") and not os.path.isfile(
+            os.path.join(cfg.resume, "trainer_state.json")):
+        raise ConfigError(f"train.resume: {cfg.resume} is not a checkpoint directory (no trainer_state.json); "
+                          f"use auto, never, force or a checkpoint path")
     if cfg.tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
@@ -85,25 +87,51 @@ def _check(cfg: TrainConfig):
             raise ConfigError(f"train.tensorboard: true but tensorboard is not installed ({e})") from None
 
 
-def _resume_path(cfg: TrainConfig, ckpt_root: str) -> str | None:
+def _load_resume(cfg: TrainConfig, root: str, identity: dict, acc) -> tuple[str | None, dict | None, list]:
+    """(checkpoint, its contents, [(damaged newer checkpoint, problem)]) to resume from, by train.resume: auto
+    resumes only this run's own newest intact checkpoint; force and an explicit path resume whatever they find,
+    saying what differs; never resumes nothing."""
     if cfg.resume == "never":
-        return None
-    if cfg.resume == "auto":
-        return ckpt.latest_checkpoint(ckpt_root)
-    if not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
-        raise ConfigError(f"train.resume: {cfg.resume} is not a checkpoint directory")
-    return cfg.resume
+        return None, None, []
+    say = print if acc.is_main_process else (lambda *_: None)
+    if cfg.resume in ("auto", "force"):
+        path, state, damaged = ckpt.load_newest_intact(root, acc.process_index)
+    else:
+        path, state, damaged = cfg.resume, ckpt.load_checkpoint(cfg.resume, acc.process_index), []
+    if state is None:
+        return None, None, []
+    step, saved = state["trainer_state"]["step"], state["trainer_state"].get("identity")
+    diff = ckpt.identity_diff(saved, identity) if isinstance(saved, dict) else \
+        ["run identity: not recorded (a checkpoint written before mmalign recorded one)"]
+    if diff and cfg.resume == "auto":
+        more = f"; and {len(diff) - 8} more" if len(diff) > 8 else ""
+        raise ConfigError(
+            f"train.resume=auto: {path} (step {step}) belongs to another run than this config describes; "
+            f"differing (checkpoint -> now): {'; '.join(diff[:8])}{more}. Choose train.resume=never (start over "
+            f"here; its checkpoints move to {root}/previous-run), a new output_dir, or train.resume=force "
+            f"(resume it anyway)")
+    if diff:
+        say(f"warning: train.resume={cfg.resume}: {path} is from a different run; differing (checkpoint -> now): "
+            f"{'; '.join(diff)}")
+    say(f"train: resuming from step {step} of {path}")
+    return path, state, damaged
+
+
+def _tidy_checkpoints(cfg: TrainConfig, root: str, damaged: list) -> None:
+    """Main process, before the first save: keep other runs' and damaged checkpoints out of keep_last and auto."""
+    if cfg.resume == "never" and (n := ckpt.retire_checkpoints(root)):
+        print(f"train: train.resume=never: moved {n} earlier checkpoint(s) to {os.path.join(root, 'previous-run')}")
+    for path, problem in damaged:
+        print(f"train: {problem}; moved it to {ckpt.set_aside(path, '.damaged')} and resumed from the newest "
+              f"intact checkpoint instead")
 
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _restore(path, acc, model, optimizer, scheduler, global_batch) -> int:
-    state = ckpt.load_checkpoint(path, acc.process_index)
+def _restore(path, state, acc, model, optimizer, scheduler) -> int:
     ts = state["trainer_state"]
-    if ts["global_batch"] != global_batch:
-        raise ConfigError(f"cannot resume {path} exactly: it used global batch {ts['global_batch']}, now {global_batch}")
     params = _trainable(model)
     if set(params) != set(state["params"]):
         diff = sorted(set(params) ^ set(state["params"]))
@@ -153,10 +181,13 @@ def _train(exp: Experiment, method: Method, acc: Accelerator) -> dict:
     set_seed(cfg.seed)  # identical initial weights on every rank
     if acc.is_main_process:
         os.makedirs(out, exist_ok=True)
-        save_resolved(exp, os.path.join(out, "config.yaml"))
     policy = method.build(acc.device)
     dataset, report = method.dataset()
-    if acc.is_main_process:
+    global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
+    identity = ckpt.run_identity(exp, len(dataset), global_batch)
+    resume_from, state, damaged = _load_resume(cfg, ckpt_root, identity, acc)
+    if acc.is_main_process:  # only now: a refused run leaves the other run's files as they were
+        save_resolved(exp, os.path.join(out, "config.yaml"))
         write_data_report(out, report, len(dataset))
     if len(dataset) == 0:
         raise ConfigError(f"data: no usable rows ({report.summary()})")
@@ -165,11 +196,12 @@ def _train(exp: Experiment, method: Method, acc: Accelerator) -> dict:
     policy, optimizer = acc.prepare(policy, optimizer)
     set_seed(cfg.seed, device_specific=True)  # per-rank streams (dropout, noise)
 
-    resume_from = _resume_path(cfg, ckpt_root)
-    global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
-    start = _restore(resume_from, acc, acc.unwrap_model(policy), optimizer, scheduler, global_batch) if resume_from else 0
+    start = _restore(resume_from, state, acc, acc.unwrap_model(policy), optimizer, scheduler) if state else 0
+    del state
     metrics_path = os.path.join(out, "metrics.jsonl")
+    acc.wait_for_everyone()  # every rank has read its checkpoint before the main process moves any
     if acc.is_main_process:
+        _tidy_checkpoints(cfg, ckpt_root, damaged)
         _truncate_metrics(metrics_path, start)
     sampler = StepBatchSampler(len(dataset), cfg, acc.num_processes, acc.process_index, start)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=method.collate, num_workers=cfg.num_workers,
@@ -186,7 +218,7 @@ def _train(exp: Experiment, method: Method, acc: Accelerator) -> dict:
         ckpt.save_checkpoint(
             ckpt_root, step, _trainable(acc.unwrap_model(policy)), optimizer.state_dict(), scheduler.state_dict(),
             dict(zip(("epoch", "offset"), sampler.position(step)), global_batch=sampler.global_batch,
-                 world_size=acc.num_processes), cfg.keep_last, acc.process_index, acc.wait_for_everyone)
+                 world_size=acc.num_processes, identity=identity), cfg.keep_last, acc.process_index, acc.wait_for_everyone)
 
     for batch in loader:
         batch = send_to_device(batch, acc.device)
@@ -231,9 +263,25 @@ def _train(exp: Experiment, method: Method, acc: Accelerator) -> dict:
         writer.close()
     acc.wait_for_everyone()
     if acc.is_main_process:
-        method.save_pretrained(acc.unwrap_model(policy), os.path.join(out, "final"))
+        _export(method, acc.unwrap_model(policy), out)
     acc.wait_for_everyone()
     return {"step": step, "metrics": last, "output_dir": out, **({"stopped": stopped} if stopped else {})}
+
+
+def _export(method: Method, policy, out: str) -> None:
+    """`method.save_pretrained` into a temporary folder renamed into place as <out>/final afterwards: a kill
+    leaves the previous final/ or the new one, never a partial one."""
+    final, tmp, old = (os.path.join(out, n) for n in ("final", ".tmp-final", ".old-final"))
+    if not os.path.exists(final) and os.path.exists(old):  # killed between the two renames below
+        os.rename(old, final)
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    method.save_pretrained(policy, tmp)
+    ckpt.fsync_tree(tmp)
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_data_report(out_dir: str, report, rows: int) -> None:
@@ -267,10 +315,26 @@ def _log(path, writer, step, lr, metrics, elapsed):
 
 
 def _truncate_metrics(path: str, step: int):
-    """Drop log lines past the resume point (written by the interrupted run after its last checkpoint)."""
+    """Drop log lines past the resume point (written by the interrupted run after its last checkpoint), and a
+    torn last line (a kill mid-write); any other unreadable line is an error naming it. Rewritten atomically."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(lines)
+        lines = f.readlines()
+    kept = []
+    for i, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+            if record is not None and not isinstance(record.get("step"), int):
+                raise ValueError("no integer 'step'")
+        except (ValueError, AttributeError):
+            if i < len(lines):
+                raise RuntimeError(f"{path}: line {i} is not a metrics record ({line[:80]!r}); fix or delete the "
+                                   f"line, then run again") from None
+            print(f"train: {path}: dropped a torn last line ({line[:60]!r}), left by a kill mid-write")
+            continue
+        if record is not None and record["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
