@@ -3,10 +3,8 @@
 counted skips with their reason (or a DataError under bad_rows: error), so the first step never meets them."""
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
