@@ -8,15 +8,13 @@ from pathlib import Path
 
 
 def cmd_train(a) -> None:
-    from .core.config import ConfigError
+    from .core.paths import check_paths
     from .core.registry import load_recipe, method_class
     from .core.trainer import train
 
-    try:
-        exp = load_recipe(a.config, a.overrides)
-        method = method_class(exp.method)(exp.args, exp.output_dir)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+    exp = load_recipe(a.config, a.overrides)
+    check_paths(exp)  # before any model loads
+    method = method_class(exp.method)(exp.args, exp.output_dir)
     summary = train(exp, method)
     print(json.dumps(summary, default=str))
 
@@ -53,7 +51,7 @@ def cmd_sample(a) -> None:
     if a.prompts_file:
         prompts += [ln.strip() for ln in Path(a.prompts_file).read_text().splitlines() if ln.strip()]
     if not prompts:
-        sys.exit("give prompts with --prompt or --prompts-file")
+        sys.exit("error: give prompts with --prompt or --prompts-file")
     prompts = [p for p in prompts for _ in range(a.per_prompt)]
     seeds = [a.seed + i for i in range(len(prompts))]
     pipe = StableDiffusionPipeline.from_pretrained(a.model, safety_checker=None, requires_safety_checker=False)
@@ -105,11 +103,11 @@ def cmd_demo(a) -> None:
     parts = [p for p in a.parts.split(",") if p]
     unknown = sorted(set(parts) - {"diffusion", "mllm", "video"})
     if unknown or not parts:
-        sys.exit(f"--parts: unknown part(s) {unknown}; use diffusion, mllm, video (comma-separated)")
+        sys.exit(f"error: --parts: unknown part(s) {unknown}; use diffusion, mllm, video (comma-separated)")
     if "mllm" in parts:  # refuse a bad MLLM model before the long diffusion part
         from .demo.mllm import MLLMDemoSettings, format_mllm_results, run_mllm_demo
         if not Path(a.mllm_model).is_dir():
-            sys.exit(f"--mllm-model: {a.mllm_model} is not a model directory")
+            sys.exit(f"error: --mllm-model: {a.mllm_model} is not a model directory")
     if "diffusion" in parts:
         methods = {"none": (), "all": PAIR_METHOD_NAMES}.get(a.methods)
         if methods is None:  # aliases (inpo) resolve to the registered names, which name the run folders
@@ -146,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .assets import SHAPEWORLD_LLAVA, SHAPEWORLD_SD
 
     ap = argparse.ArgumentParser(prog="mmalign", description="Preference alignment workbench for multimodal models.")
+    ap.add_argument("--debug", action="store_true",
+                    help="show the Python traceback of a configuration, data or evaluation error")
     sub = ap.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("train", help="train a method from a YAML recipe",
@@ -253,13 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     from .core.config import ConfigError
+    from .datasets.records import DataError
     from .evals.errors import EvalError
 
     a = build_parser().parse_args(argv)
     try:
         a.fn(a)
-    except (ConfigError, EvalError) as e:  # a bad setting, or an evaluation with nothing it can do
-        sys.exit(str(e))
+    except (ConfigError, DataError, EvalError, FileNotFoundError) as e:  # the user's settings, paths, data
+        if a.debug:
+            raise
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from mmalign.core import load_experiment, train
-from mmalign.core.checkpoint import NOT_IDENTITY
+from mmalign.core.config import NOT_IDENTITY
 from mmalign.datasets.records import SkipReport
 
 

@@ -108,8 +108,10 @@ def test_train_verb_runs_a_recipe_with_overrides(tmp_path, tiny_sd_dir, shapewor
 
 
 def test_demo_names_a_missing_model(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no pipeline at"):
+    with pytest.raises(SystemExit, match="^error: .*no pipeline at"):
         main(["demo", "--model", str(tmp_path), "--n", "2", "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="no pipeline at"):  # --debug: the exception itself
+        main(["--debug", "demo", "--model", str(tmp_path), "--n", "2", "--out", str(tmp_path / "o")])
 
 
 def test_demo_refuses_an_unknown_method_before_sampling(tmp_path):

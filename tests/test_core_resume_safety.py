@@ -50,14 +50,45 @@ def test_another_run_in_the_same_output_dir_is_refused_and_changes_nothing(tmp_p
     run(make_exp(out, "toy_dpo", max_steps=6))
     before = snapshot(out)
     other = make_exp(out, "toy_sft", dict(n_rows=48), max_steps=6, lr=5e-3)
+    method = ToyMethod(other.args.toy)
+    method.build = method.dataset = None  # refused from the recorded config, before any model or data loads
     with pytest.raises(ConfigError) as err:
-        run(other)
+        trainer.train(other, method)
     msg = str(err.value)
-    for key in ("method", "toy.n_rows", "dataset_length", "train.lr", "train.resume=never", "output_dir",
+    for key in ("method", "toy.n_rows", "train.lr", "train.resume=never", "output_dir",
                 "train.resume=force", "step-00000006"):
         assert key in msg, key
     assert "train.max_steps" not in msg and "train.save_every" not in msg
     assert snapshot(out) == before  # config.yaml, data report, checkpoints and final/ are the first run's
+
+
+def test_same_config_over_other_data_is_refused_once_the_data_is_read(tmp_path):
+    out = tmp_path / "x"
+    run(make_exp(out, max_steps=2))
+    before = snapshot(out)
+    method = ToyMethod(ToyArgs())
+    rows, report = method.dataset()
+    method.dataset = lambda: (rows[:40], report)  # the data file changed under the same config
+    with pytest.raises(ConfigError, match=r"dataset_length: 64 -> 40"):
+        trainer.train(make_exp(out, max_steps=4), method)
+    assert snapshot(out) == before
+
+
+def test_settings_that_do_not_change_the_trajectory_are_not_identity():
+    from mmalign.diffusion.preference import PairDataConfig
+    from mmalign.mllm.dpo import VLPairDataConfig
+    from mmalign.mllm.models import VLModelConfig
+    exp = Experiment("diffusion_dpo", "o", TrainConfig(), None)
+    base = ckpt.run_identity(exp, 10, 4)
+    keys = set(ckpt.run_identity(Experiment("m", "o", TrainConfig(), ToyConfig(ToyArgs())), 10, 4))
+    assert "toy.n_rows" in keys and "toy.nan_at_call" not in keys
+    for cfg, free in ((PairDataConfig("p"), ("cache_dir", "encode_batch")),
+                      (VLPairDataConfig("p"), ("ref_cache_dir", "ref_batch_size")),
+                      (VLModelConfig("m"), ("gradient_checkpointing", "attn_implementation"))):
+        ident = ckpt.run_identity(Experiment("m", "o", TrainConfig(), {"x": cfg}), 10, 4)
+        assert "x.path" in ident or "x.pretrained" in ident
+        assert not any(f"x.{k}" in ident for k in free), ident.keys()
+    assert base["train.lr"] == TrainConfig().lr
 
 
 def test_the_same_run_resumes_and_says_so(tmp_path, capsys):

@@ -28,9 +28,6 @@ _STEP_DIR = re.compile(r"^step-(\d{8})$")
 RESUMABLE_KEYS = ("output_dir", *(f"train.{k}" for k in (
     "max_steps", "max_minutes", "log_every", "save_every", "keep_last", "tensorboard", "num_workers", "resume",
     "batch_size", "grad_accum")))
-# Metadata of a method config field that does not change the training trajectory (a cache folder, a precompute
-# batch size, a test's fault injection): `field(default=..., metadata=NOT_IDENTITY)` keeps it out of the identity.
-NOT_IDENTITY = {"run_identity": False}
 
 
 class CheckpointError(ConfigError):
@@ -40,7 +37,7 @@ class CheckpointError(ConfigError):
 
 def run_identity(exp, n_rows: int, global_batch: int) -> dict:
     """{dotted key: value} of everything that makes a run this run: the resolved config (method, model, data
-    paths, objective, optimizer and schedule settings, seed) minus RESUMABLE_KEYS and NOT_IDENTITY fields,
+    paths, objective, optimizer and schedule settings, seed) minus RESUMABLE_KEYS and config.NOT_IDENTITY fields,
     plus the dataset's length and the global batch. Data files are named by path, not by content."""
     flat: dict = {}
 
@@ -232,6 +229,19 @@ def load_newest_intact(root: str, rank: int = 0) -> tuple[str | None, dict | Non
         raise CheckpointError(f"no intact checkpoint in {root}: {'; '.join(m for _, m in skipped)} "
                               f"(train.resume=never starts over)")
     return None, None, []
+
+
+def newest_identity(root: str) -> tuple[str, int, dict] | None:
+    """(path, step, identity) from the trainer_state.json of the newest checkpoint under `root` that has a
+    readable one with an identity; None when there is none. Reads no weights: a cheap check before loading."""
+    for path in _candidates(root):
+        try:
+            state = _trainer_state(os.path.join(path, "trainer_state.json"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(state.get("identity"), dict):
+            return path, state["step"], state["identity"]
+    return None
 
 
 def set_aside(path: str, suffix: str) -> str:

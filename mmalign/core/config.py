@@ -70,10 +70,21 @@ class Range:
         return "a finite number"
 
 
-def bounded(default, lo=None, hi=None, lo_open=False, hi_open=False):
+# Metadata of a config field that does not change the training trajectory (a cache folder, a precompute batch
+# size): it stays out of a run's identity, so changing it does not make a resumption "another run".
+NOT_IDENTITY = {"run_identity": False}
+
+
+def bounded(default, lo=None, hi=None, lo_open=False, hi_open=False, identity: bool = True):
     """A dataclass field whose value (each item, for a tuple) must lie in the range; checked when a config
-    loads (`from_dict`) and by `check_ranges`. No bounds: any finite number."""
-    return field(default=default, metadata={"range": Range(lo, hi, lo_open, hi_open)})
+    loads (`from_dict`) and by `check_ranges`. No bounds: any finite number. identity=False: see NOT_IDENTITY."""
+    meta = {"range": Range(lo, hi, lo_open, hi_open), **({} if identity else NOT_IDENTITY)}
+    return field(default=default, metadata=meta)
+
+
+def not_identity(default):
+    """A dataclass field kept out of the run identity (see NOT_IDENTITY)."""
+    return field(default=default, metadata=NOT_IDENTITY)
 
 
 def _check_range(f: dataclasses.Field, value, key: str) -> None:

@@ -1,6 +1,7 @@
 """The generic training loop on accelerate: exact resume, accumulation, DDP, NaN guard, logging, checkpoints."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -87,6 +88,27 @@ def _check(cfg: TrainConfig):
             raise ConfigError(f"train.tensorboard: true but tensorboard is not installed ({e})") from None
 
 
+def _another_run(path: str, step: int, diff: list[str], root: str) -> ConfigError:
+    more = f"; and {len(diff) - 8} more" if len(diff) > 8 else ""
+    return ConfigError(
+        f"train.resume=auto: {path} (step {step}) belongs to another run than this config describes; "
+        f"differing (checkpoint -> now): {'; '.join(diff[:8])}{more}. Choose train.resume=never (start over "
+        f"here; its checkpoints move to {root}/previous-run), a new output_dir, or train.resume=force "
+        f"(resume it anyway)")
+
+
+def _refuse_another_run_early(exp: Experiment, root: str, global_batch: int) -> None:
+    """train.resume=auto: refuse a checkpoint of another run from its recorded config alone, before the method
+    loads models and data (the dataset's length is compared later, with the full identity)."""
+    found = ckpt.newest_identity(root) if exp.train.resume == "auto" else None
+    if found is None:
+        return
+    path, step, saved = found
+    now = ckpt.run_identity(exp, saved.get("dataset_length"), global_batch)
+    if diff := ckpt.identity_diff(saved, now):
+        raise _another_run(path, step, diff, root)
+
+
 def _load_resume(cfg: TrainConfig, root: str, identity: dict, acc) -> tuple[str | None, dict | None, list]:
     """(checkpoint, its contents, [(damaged newer checkpoint, problem)]) to resume from, by train.resume: auto
     resumes only this run's own newest intact checkpoint; force and an explicit path resume whatever they find,
@@ -104,12 +126,7 @@ def _load_resume(cfg: TrainConfig, root: str, identity: dict, acc) -> tuple[str 
     diff = ckpt.identity_diff(saved, identity) if isinstance(saved, dict) else \
         ["run identity: not recorded (a checkpoint written before mmalign recorded one)"]
     if diff and cfg.resume == "auto":
-        more = f"; and {len(diff) - 8} more" if len(diff) > 8 else ""
-        raise ConfigError(
-            f"train.resume=auto: {path} (step {step}) belongs to another run than this config describes; "
-            f"differing (checkpoint -> now): {'; '.join(diff[:8])}{more}. Choose train.resume=never (start over "
-            f"here; its checkpoints move to {root}/previous-run), a new output_dir, or train.resume=force "
-            f"(resume it anyway)")
+        raise _another_run(path, step, diff, root)
     if diff:
         say(f"warning: train.resume={cfg.resume}: {path} is from a different run; differing (checkpoint -> now): "
             f"{'; '.join(diff)}")
@@ -166,6 +183,8 @@ def train(exp: Experiment, method: Method) -> dict:
     """Run (or resume) training; return {'step', 'metrics', 'output_dir'}."""
     cfg, out = exp.train, exp.output_dir
     _check(cfg)
+    if dataclasses.is_dataclass(exp.args):  # a method config built in Python skipped the loader's checks
+        check_ranges(exp.args)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                       cpu=not torch.cuda.is_available())  # cpu=True lets torchrun on CPU use gloo
     try:
@@ -181,9 +200,10 @@ def _train(exp: Experiment, method: Method, acc: Accelerator) -> dict:
     set_seed(cfg.seed)  # identical initial weights on every rank
     if acc.is_main_process:
         os.makedirs(out, exist_ok=True)
+    global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
+    _refuse_another_run_early(exp, ckpt_root, global_batch)
     policy = method.build(acc.device)
     dataset, report = method.dataset()
-    global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
     identity = ckpt.run_identity(exp, len(dataset), global_batch)
     resume_from, state, damaged = _load_resume(cfg, ckpt_root, identity, acc)
     if acc.is_main_process:  # only now: a refused run leaves the other run's files as they were

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..core.config import ConfigError, bounded
+from ..core.config import ConfigError, bounded, not_identity
 from ..datasets.records import SkipReport
 from .latent_method import LatentDiffusionMethod, UNetPolicy
 from .lora import ATTENTION_PROJECTIONS, add_lora
@@ -40,8 +40,8 @@ class PairDataConfig:
     bad_rows: Literal["skip", "error"] = "skip"  # skip: counted, reported
     caption_dropout: float = bounded(0.0, 0, 1)  # per pair: both images lose the caption together (Salesforce: 0.2)
     random_flip: bool = False  # per pair: both images flipped together
-    cache_dir: str = ".cache/mmalign"  # "" disables the persistent latent/text cache
-    encode_batch: int = bounded(8, 1)  # pairs per VAE call (x2 images, x2 again with flips): mind 1024 px
+    cache_dir: str = not_identity(".cache/mmalign")  # "" disables the persistent latent/text cache
+    encode_batch: int = bounded(8, 1, identity=False)  # pairs per VAE call (x2 images, x2 again with flips): mind 1024 px
 
 
 @dataclass

@@ -37,7 +37,7 @@ class DataConfig:
     caption_dropout: float = bounded(0.0, 0, 1)  # probability of training on the empty prompt (for CFG)
     random_flip: bool = False  # off by default: a flip contradicts "left of" captions
     bad_rows: Literal["skip", "error"] = "skip"  # skip: counted, reported
-    encode_batch: int = bounded(32, 1)
+    encode_batch: int = bounded(32, 1, identity=False)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from ..core.config import ConfigError, bounded
+from ..core.config import ConfigError, bounded, not_identity
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VISION_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder")
@@ -28,8 +28,8 @@ class VLModelConfig:
     train_vision: bool = False
     train_projector: bool = False
     reference: Literal["", "frozen_copy", "adapters_off", "cache"] = ""  # "": adapters_off with LoRA, else frozen_copy
-    gradient_checkpointing: bool = False
-    attn_implementation: str = ""  # "" = transformers' default (sdpa where available)
+    gradient_checkpointing: bool = not_identity(False)  # same math, less memory
+    attn_implementation: str = not_identity("")  # "" = transformers' default (sdpa where available)
 
 
 def _is_under(name: str, names: tuple[str, ...]) -> bool:

@@ -57,7 +57,7 @@ class VideoDataConfig:
     caption_dropout: float = bounded(0.0, 0, 1)  # per video (per pair for DPO: both videos together)
     ties: Literal["drop", "error"] = "drop"
     bad_rows: Literal["skip", "error"] = "skip"
-    encode_batch: int = bounded(64, 1)  # frames per VAE call
+    encode_batch: int = bounded(64, 1, identity=False)  # frames per VAE call
 
 
 @dataclass
