@@ -2,10 +2,11 @@
 
 An entry is `root/<fingerprint(key)[:20]>/` holding `tensors.safetensors` and `key.json` (the full key, for humans).
 The key should name the model (`model_fingerprint`: file sizes and mtimes, so replaced weights invalidate), the
-data (`file_fingerprint`) and the preprocessing (resolution, crop, flip); anything applied per step, such as caption
-dropout, stays out. Any change in the key gives a different entry, so a stale entry is never reused. Entries are
-written into a temp dir and renamed into place; an entry without a matching key.json or with unreadable tensors
-is a miss and is recomputed.
+data (`file_fingerprint` of the data file or folder, plus `files_fingerprint` of every file its records point to,
+such as images beside a jsonl or outside the folder) and the preprocessing (resolution, crop, flip); anything
+applied per step, such as caption dropout, stays out. Any change in the key gives a different entry, so a stale
+entry is never reused. Entries are written into a temp dir and renamed into place; an entry without a matching
+key.json or with unreadable tensors is a miss and is recomputed.
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -44,6 +46,29 @@ def file_fingerprint(path: str | Path) -> list:
     files = sorted(f for f in p.rglob("*") if f.is_file())
     listing = [[f.relative_to(p).as_posix(), *_stat(f)] for f in files]
     return ["dir", len(listing), sum(s for _, s, _ in listing), hashlib.sha256(json.dumps(listing).encode()).hexdigest()]
+
+
+def files_fingerprint(paths: Iterable[str | Path]) -> dict:
+    """A compact digest of the files `paths` name (e.g. the images a data file's records point to), from stat
+    alone: {"references": how many, "missing": those naming no regular file, "bytes": total size, "digest": an
+    order-independent sum of sha256([absolute path, size, mtime_ns]) per reference}. Nothing is read and no list
+    is kept, so a million references cost a million stats; a missing file is recorded, not raised (readers count
+    it as a skip), and its later appearance changes the digest."""
+    n = missing = total = acc = 0
+    for p in paths:
+        try:
+            st = os.stat(p)
+            entry = [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else None
+        except OSError:
+            entry = None
+        n += 1
+        if entry is None:
+            missing += 1
+        else:
+            total += entry[0]
+        row = json.dumps([os.path.abspath(p), entry]).encode()
+        acc = (acc + int.from_bytes(hashlib.sha256(row).digest(), "big")) % (1 << 256)
+    return {"references": n, "missing": missing, "bytes": total, "digest": f"{acc:064x}"}
 
 
 def _hub_snapshot(hub_id: str, subfolders: list[str]) -> str | None:

@@ -8,9 +8,10 @@ Sources: a `.jsonl` or `.parquet` file; a folder with `metadata.jsonl` or `*.par
 `datasets` `save_to_disk`; a `datasets.Dataset`; or a hub id `owner/name` (loaded with `datasets.load_dataset`).
 
 Policies. A tie is not a bad row and is never read as "jpg_0 wins": under ties="drop" it is counted in the report as
-"tie (label_0=0.5)", under ties="error" it raises `DataError` naming the row. A bad row (invalid JSON, missing or
-non-string caption, missing image, image file not found, label_0 other than 0, 0.5 or 1) is a counted skip with its
-reason (bad_rows="skip") or a `DataError` naming the file and line/row (bad_rows="error"), as in `records.py`.
+"tie (label_0=0.5)", under ties="error" it raises `DataError` naming the row. A bad row (invalid JSON, missing,
+non-string or empty caption, missing image, image file not found, label_0 other than 0, 0.5 or 1) is a counted
+skip with its reason (bad_rows="skip") or a `DataError` naming the file and line/row (bad_rows="error"), as in
+`records.py`.
 `load_pair_images` decodes both images fully, so a corrupt one is found while building a cache, not mid-epoch; one
 over Pillow's decompression-bomb limit (kept on) is refused from its header, before decoding, as "image too large".
 """
@@ -20,19 +21,18 @@ import io
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from PIL import Image
 
+from ..core.paths import HUB_ID  # noqa: F401  (vl_records imports it from here)
 from .records import DataError, SkipReport, check_policy, open_rgb, reject
 
 TIE_POLICIES = ("drop", "error")
 TIE_REASON = "tie (label_0=0.5)"
 _CORE = ("caption", "jpg_0", "jpg_1", "label_0")
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 
 
@@ -60,25 +60,42 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any, Path]]:
                 yield f"{path}:{n}", BadRow(f"invalid JSON ({e.msg})"), path.parent
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[str, Any, Path]]:
+def _parquet_rows(path: Path, paths_of: tuple[str, ...] | None = None) -> Iterator[tuple[str, Any, Path]]:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
         raise ImportError(f"reading {path} needs pyarrow: pip install 'mmalign[data]'") from e
+    import pyarrow as pa
+    try:
+        f = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:  # empty, truncated or not parquet at all
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
     i = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-        for row in batch.to_pylist():
+    leaves = None if paths_of is None else _path_leaves(f.schema_arrow, paths_of)
+    if leaves == []:  # no column can name a file
+        return
+    columns = None if leaves is None else [c if k is None else f"{c}.{k}" for c, k in leaves]  # no bytes read
+    for batch in f.iter_batches(batch_size=256, columns=columns):
+        for row in (batch.to_pylist() if leaves is None else _path_cells(batch, leaves)):
             yield f"{path}[{i}]", row, path.parent
             i += 1
 
 
-def _dataset_rows(ds: Any, name: str = "dataset",
-                  image_columns: tuple[str, ...] | None = _IMAGE_COLUMNS) -> Iterator[tuple[str, Any, Path | None]]:
+def _dataset_rows(ds: Any, name: str = "dataset", image_columns: tuple[str, ...] | None = _IMAGE_COLUMNS,
+                  paths_of: tuple[str, ...] | None = None) -> Iterator[tuple[str, Any, Path | None]]:
     """Rows of a Dataset/DatasetDict with `image_columns` kept encoded; None keeps every image (any nesting)."""
     if hasattr(ds, "keys") and not hasattr(ds, "features"):  # a DatasetDict
         if "train" not in ds:
             raise DataError(f"{name}: a DatasetDict without a 'train' split (splits: {list(ds.keys())})")
         ds = ds["train"]
+    if paths_of is not None and hasattr(ds, "with_format"):
+        ds = ds.select_columns([c for c in paths_of if c in ds.column_names]).with_format("arrow")
+        i = 0
+        for batch in ds.iter(batch_size=1024):
+            for row in _path_cells(batch, _path_leaves(batch.schema, paths_of)):
+                yield f"{name}[{i}]", row, None
+                i += 1
+        return
     if image_columns is None and hasattr(ds, "with_format"):
         # raw Arrow rows: Image features (also inside lists) stay {"bytes", "path"} dicts, nothing is decoded
         i = 0
@@ -105,16 +122,18 @@ def _datasets(source):
 
 
 def source_rows(source: Any, image_columns: tuple[str, ...] | None = _IMAGE_COLUMNS,
-          jsonl_names: tuple[str, ...] = ("metadata.jsonl",)) -> Iterator[tuple[str, Any, Path | None]]:
-    """(where, row, base folder) for every row of a source; `jsonl_names` are looked for in a folder, in order."""
+          jsonl_names: tuple[str, ...] = ("metadata.jsonl",),
+          paths_of: tuple[str, ...] | None = None) -> Iterator[tuple[str, Any, Path | None]]:
+    """(where, row, base folder) for every row of a source; `jsonl_names` are looked for in a folder, in order.
+    With `paths_of`, parquet and Arrow rows hold only those columns' file paths (their bytes are not read)."""
     if not isinstance(source, (str, os.PathLike)):
-        return _dataset_rows(source, image_columns=image_columns)
+        return _dataset_rows(source, image_columns=image_columns, paths_of=paths_of)
     p = Path(source)
     if p.is_file():
         if p.suffix == ".jsonl":
             return _jsonl_rows(p)
         if p.suffix == ".parquet":
-            return _parquet_rows(p)
+            return _parquet_rows(p, paths_of)
         raise DataError(f"{p}: unsupported pair file (expected .jsonl or .parquet)")
     if p.is_dir():
         for name in jsonl_names:
@@ -122,28 +141,84 @@ def source_rows(source: Any, image_columns: tuple[str, ...] | None = _IMAGE_COLU
                 return _jsonl_rows(p / name)
         if any((p / m).is_file() for m in ("dataset_info.json", "state.json", "dataset_dict.json")):
             datasets = _datasets(p)
-            return _dataset_rows(datasets.load_from_disk(str(p)), str(p), image_columns)
+            return _dataset_rows(datasets.load_from_disk(str(p)), str(p), image_columns, paths_of)
         shards = sorted(p.glob("*.parquet"))
         if shards:
-            return (r for s in shards for r in _parquet_rows(s))
+            return (r for s in shards for r in _parquet_rows(s, paths_of))
         raise DataError(f"{p}: no {' / '.join(jsonl_names)}, *.parquet shards or save_to_disk dataset in this folder")
     s = str(source)
     if HUB_ID.fullmatch(s) and p.suffix not in (".jsonl", ".parquet", ".json", ".arrow"):
         datasets = _datasets(s)
-        return _dataset_rows(datasets.load_dataset(s, split="train"), s, image_columns)
+        return _dataset_rows(datasets.load_dataset(s, split="train"), s, image_columns, paths_of)
     raise FileNotFoundError(f"pair source {s!r}: no such file or folder (and not a hub id like 'owner/name')")
 
 
-def _image(value: Any, base: Path | None, col: str) -> bytes | Path | str:
-    """The image as bytes or an existing path; a plain str return value is the reason it is bad."""
+def _image_ref(value: Any, base: Path | None) -> bytes | Path | None:
+    """What an image cell holds: encoded bytes, the path it names (relative to `base` unless absolute; not checked
+    for existence), or None."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray, memoryview)) and len(value):
         return bytes(value)
     if isinstance(value, str) and value:
-        path = Path(value) if base is None or Path(value).is_absolute() else base / value
-        return path if path.is_file() else "image file not found"
-    return f"missing {col}"
+        return Path(value) if base is None or Path(value).is_absolute() else base / value
+    return None
+
+
+def _image(value: Any, base: Path | None, col: str) -> bytes | Path | str:
+    """The image as bytes or an existing path; a plain str return value is the reason it is bad."""
+    ref = _image_ref(value, base)
+    if ref is None:
+        return f"missing {col}"
+    return "image file not found" if isinstance(ref, Path) and not ref.is_file() else ref
+
+
+def _path_leaves(schema: Any, columns: tuple[str, ...]) -> list[tuple[str, str | None]]:
+    """Where the `columns` of an Arrow schema can name a file: (column, None) for a string column, (column,
+    "path") for an {"bytes", "path"} struct; binary columns name none."""
+    import pyarrow as pa
+
+    out = []
+    for col in columns:
+        t = schema.field(col).type if col in schema.names else None
+        if t is not None and (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            out.append((col, None))
+        elif t is not None and pa.types.is_struct(t) and t.get_field_index("path") >= 0:
+            out.append((col, "path"))
+    return out
+
+
+def _path_cells(table: Any, leaves: list[tuple[str, str | None]]) -> list[dict]:
+    """One {column: path or None} row per row of an Arrow table or batch, from the `leaves` only; a struct cell
+    with non-empty bytes (when they are there) names no path, as in `_image_ref`. Only offsets are read."""
+    import pyarrow.compute as pc
+
+    cols = {}
+    for c, k in leaves:
+        col = table.column(c)
+        if k is None:
+            cols[c] = col.to_pylist()
+            continue
+        paths = pc.struct_field(col, k)
+        if col.type.get_field_index("bytes") >= 0:
+            embedded = pc.fill_null(pc.greater(pc.binary_length(pc.struct_field(col, "bytes")), 0), False)
+            paths = pc.if_else(embedded, None, paths)
+        cols[c] = paths.to_pylist()
+    return [dict(zip(cols, vals)) for vals in zip(*cols.values())] if cols else [{}] * table.num_rows
+
+
+def referenced_files(source: Any) -> Iterator[Path]:
+    """Every file the jpg_0 / jpg_1 cells of `source` name by path, placed by the rule `read_pairs` uses and
+    yielded whether or not it exists, for a cache key (`cache.files_fingerprint`); nothing is decoded. Embedded
+    bytes name none (their container file is fingerprinted itself). Parquet and Arrow image columns are read
+    without their bytes, so there a cell with both bytes and a path yields the path too (at worst a needless
+    cache miss, never a stale hit)."""
+    for _, row, base in source_rows(source, paths_of=_IMAGE_COLUMNS):
+        if isinstance(row, dict):
+            for col in _IMAGE_COLUMNS:
+                ref = _image_ref(row.get(col), base)
+                if isinstance(ref, Path):
+                    yield ref
 
 
 def pair_label(value: Any) -> float | None:
@@ -158,7 +233,7 @@ def check_ties(ties: str) -> None:
 
 
 def captioned_rows(rows, report: SkipReport, bad_rows: str):
-    """(where, row, base) of every row that is a JSON object with a string caption; each row counts in
+    """(where, row, base) of every row that is a JSON object with a non-blank string caption; each row counts in
     `report.total`, the others are rejected under `bad_rows`."""
     for where, row, base in rows:
         report.total += 1
@@ -167,6 +242,9 @@ def captioned_rows(rows, report: SkipReport, bad_rows: str):
             continue
         if not isinstance(row.get("caption"), str):
             reject(report, bad_rows, "missing or non-string caption", where)
+            continue
+        if not row["caption"].strip():
+            reject(report, bad_rows, "empty caption", where)
             continue
         yield where, row, base
 

@@ -33,7 +33,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Iterator, Union
 
 from PIL import Image
 
@@ -245,6 +245,12 @@ def load_images(record: VLPair | VLConversation) -> list[Image.Image]:
         except IMAGE_ERRORS as e:
             raise DataError(f"{record.where} images[{k}]: {image_reason(e)} ({type(e).__name__}: {e})") from e
     return out
+
+
+def image_files(records: Iterable[VLPair | VLConversation]) -> Iterator[Path]:
+    """The image files `records` point to, as placed while reading (under `image_root`, else the data file's
+    folder, or absolute); embedded images name none. A cache key covers them with `cache.files_fingerprint`."""
+    return (src for rec in records for src in rec.images if isinstance(src, Path))
 
 
 # ---- sources ----

@@ -1,7 +1,9 @@
 """Preference pairs turned into training tensors once: VAE posteriors of both images (both orientations when
 flips are on), text conditioning of each caption, SDXL size/crop conditioning — stored in the persistent cache
-(`cache.load_or_compute`) keyed by the model's encoders, the preprocessing and the data files, so training never
-runs the VAE encoder or the text encoders, and a second run on the same data starts at once.
+(`cache.load_or_compute`) keyed by the model's encoders, the preprocessing and the data: the data file or folder
+and every image file its rows name (beside a jsonl, or outside the folder), by size and mtime, so a changed image
+is a new entry. Training never runs the VAE encoder or the text encoders, and a second run on the same data starts
+at once.
 """
 from __future__ import annotations
 
@@ -10,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from ..datasets.pairs import load_pair_images, read_pairs
+from ..datasets.pairs import load_pair_images, read_pairs, referenced_files
 from ..datasets.records import SkipReport
-from ..datasets.cache import file_fingerprint, fingerprint, load_or_compute, model_fingerprint
+from ..datasets.cache import file_fingerprint, files_fingerprint, fingerprint, load_or_compute, model_fingerprint
 from .pipeline import SDComponents, encode_prompts, preprocess
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the key covers the image files the rows name
 
 
 class PairTensors(torch.utils.data.Dataset):
@@ -45,12 +47,14 @@ class PairTensors(torch.utils.data.Dataset):
 def build_pair_tensors(parts: SDComponents, data_path: str, resolution: int, flips: bool, ties: str,
                        bad_rows: str, device: torch.device, cache_dir: str | None, encode_batch: int = 32,
                        log=print) -> tuple[PairTensors, SkipReport]:
+    local = Path(data_path).exists()  # else a hub id, keyed by its name
     key = {"version": CACHE_VERSION, "kind": "diffusion_pairs",
            "model": model_fingerprint(parts.source, _encoder_folders(parts)),
            "text_encoder_dtype": str(parts.text_encoder.dtype if parts.text_encoder is not None
                                      else parts.text_encoder_2.dtype),
-           "data": {"path": str(Path(data_path).resolve()) if Path(data_path).exists() else data_path,
-                    "files": file_fingerprint(data_path) if Path(data_path).exists() else None},
+           "data": {"path": str(Path(data_path).resolve()) if local else data_path,
+                    "files": file_fingerprint(data_path) if local else None,
+                    "images": files_fingerprint(referenced_files(data_path)) if local else None},
            "resolution": resolution, "flips": flips, "ties": ties, "bad_rows": bad_rows}
     report_box: list[SkipReport] = []
 

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from ..datasets.records import DataError, SkipReport, reject
-from .encoding import (Encoded, ImageTokenMismatch, TooLong, check_image_tokens, encode_pieces, encode_text,
-                       expected_image_tokens, image_token_id, pad_batch, render, split_prompt, truncate)
+from .encoding import (BeyondModel, Encoded, ImageTokenMismatch, TooLong, check_image_tokens, encode_pieces,
+                       encode_text, expected_image_tokens, image_token_id, model_max_length, pad_batch, render,
+                       split_prompt, truncate)
 
 
 @dataclass
@@ -38,10 +39,18 @@ def random_crop(image, rng: random.Random, min_area: float, max_area: float):
 
 
 class Encoder:
-    """Encodes records with one processor and one policy for skips: max_length, image-token checks."""
+    """Encodes records with one processor and one policy for skips: length, image-token checks.
+
+    `max_length` None: a row longer than the model's own maximum (`model_max_length`) is skipped whole. A number
+    (at most the model's maximum): longer rows lose trailing answer tokens, never prompt or image tokens."""
 
     def __init__(self, processor, model_config, max_length: int | None, bad_rows: str, report: SkipReport):
         self.processor, self.max_length, self.bad_rows, self.report = processor, max_length, bad_rows, report
+        self.positions = model_max_length(model_config, processor)
+        if max_length is not None and self.positions is not None and max_length > self.positions:
+            from ..core.config import ConfigError
+            raise ConfigError(f"data.max_length: {max_length} is more than the model's {self.positions} positions "
+                              f"(0 = the model's maximum)")
         self.token_id = image_token_id(processor)  # what the processor expands (<start_of_image> for Gemma-3)
         # the tokens the image features fill (Gemma-3: <image_soft_token>); truncation must not cut into them
         self.span_id = getattr(model_config, "image_token_id", None) or self.token_id
@@ -49,11 +58,14 @@ class Encoder:
 
     def finish(self, enc: Encoded, n_images: int, where: str) -> Encoded:
         check_image_tokens(enc, n_images, self.token_id, self.per_image, where)
+        if self.max_length is None and self.positions is not None and len(enc.ids) > self.positions:
+            raise BeyondModel(f"{len(enc.ids)} tokens; set data.max_length to cut long answers to fit")
         return truncate(enc, self.max_length, self.span_id)
 
     def skip(self, err: Exception, where: str) -> None:
         """Count (or raise, under bad_rows: error) one row by kind; the details go with its location."""
         kind = ("too long for max_length (prompt and image tokens are never cut)" if isinstance(err, TooLong)
+                else f"longer than the model's {self.positions} positions" if isinstance(err, BeyondModel)
                 else "image tokens do not match the images" if isinstance(err, ImageTokenMismatch)
                 else "cannot encode")
         reject(self.report, self.bad_rows, kind, f"{where} ({err})")
@@ -66,7 +78,7 @@ class Encoder:
             ids_c = encode_text(self.processor, chosen, None)[0]
             ids_r = encode_text(self.processor, rejected, None)[0]
             if not ids_c or not ids_r:
-                raise TooLong("an answer encodes to no tokens")
+                raise ValueError("an answer encodes to no tokens")
             out = EncodedPair(i, self.finish(append_completion(prompt, ids_c), len(images), where),
                               self.finish(append_completion(prompt, ids_r), len(images), where),
                               margin=float(rec.meta.get("margin", 0.0)))
@@ -117,9 +129,11 @@ def conversation_pieces(processor, messages: list[dict]) -> list[tuple[str, bool
 
 
 def finish_dataset(rows: list, report: SkipReport, what: str, source: str) -> "ListDataset":
-    """The encoded rows as a dataset; an empty one is refused (the loop writes `data_report.json`)."""
+    """The encoded rows as a dataset, `report.kept` set to their number (rows the encoder skipped are counted in
+    `report.skipped`, no longer kept); an empty one is refused (the loop writes `data_report.json`)."""
     from ..core.config import ConfigError
 
+    report.kept = len(rows)
     if not rows:
         raise ConfigError(f"data.path: no usable {what} in {source} ({report.summary()})")
     return ListDataset(rows)

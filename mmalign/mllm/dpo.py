@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from accelerate.utils import send_to_device
 
-from ..core.config import ConfigError, bounded
+from ..core.config import ConfigError, bounded, not_identity
 from ..core.reference import make_reference
 from ..datasets.records import SkipReport
 from .data import Encoder, ListDataset, collate_pairs, finish_dataset
@@ -34,9 +34,11 @@ class VLPairDataConfig:
     ties: Literal["drop", "error"] = "drop"  # VLFeedback rating ties: drop (counted) or error
     bad_rows: Literal["skip", "error"] = "skip"  # skip: counted, reported
     image_root: str = ""  # base folder for relative image paths ("" = the data file's folder)
-    max_length: int = bounded(0, 0)  # 0 = no limit; longer rows lose trailing answer tokens, never prompt/image tokens
-    ref_cache_dir: str = ".cache/mmalign/ref_logps"
-    ref_batch_size: int = bounded(8, 1)
+    # 0 = the model's maximum, a longer row is a counted skip; N (<= the model's maximum): longer rows lose trailing
+    # answer tokens, never prompt/image tokens
+    max_length: int = bounded(0, 0)
+    ref_cache_dir: str = not_identity(".cache/mmalign/ref_logps")
+    ref_batch_size: int = bounded(8, 1, identity=False)
     pack_pairs: Literal["auto", "on", "off"] = "auto"  # one [prompt][chosen][rejected] row per pair (packing.py)
 
 
@@ -100,7 +102,7 @@ class MLLMDPO:
         dataset = finish_dataset(rows, report, "pairs", d.path)
         self.pad_id = pad_id_of(self.processor)
         self.pack = self._choose_packing(rows)
-        self.ref_logps = self._reference_cache(rows) if self.ref_kind == "cache" else None
+        self.ref_logps = self._reference_cache(rows, records) if self.ref_kind == "cache" else None
         return dataset, report
 
     def _choose_packing(self, rows) -> bool:
@@ -115,13 +117,16 @@ class MLLMDPO:
         self.packing_note = why or "packed: one [prompt][chosen][rejected] row per pair"
         return why is None
 
-    def _reference_cache(self, rows) -> dict[int, torch.Tensor]:
-        from ..datasets.cache import file_fingerprint, model_fingerprint
+    def _reference_cache(self, rows, records) -> dict[int, torch.Tensor]:
+        from ..datasets.cache import file_fingerprint, files_fingerprint, model_fingerprint
+        from ..datasets.vl_records import image_files
 
         d, m, o = self.cfg.data, self.cfg.model, self.cfg.objective
         path = Path(d.path)
+        # the data file (or folder, or hub id) and every image file the kept records point to, wherever it lives
         key = {"model": model_fingerprint(m.pretrained, [""]), "dtype": m.dtype,
-               "data": file_fingerprint(path) if path.exists() else d.path, "format": d.format,
+               "data": file_fingerprint(path) if path.exists() else d.path,
+               "images": files_fingerprint(image_files(records)), "format": d.format,
                "image_root": d.image_root, "ties": d.ties, "bad_rows": d.bad_rows, "max_length": d.max_length,
                "n": len(rows),
                "crops": [o.crop_min, o.crop_max] if self.crops else None}

@@ -6,7 +6,8 @@ through untouched: per-image tensors (pixel_values, image_sizes, image_grid_thw,
 rows; per-token tensors (token_type_ids, mm_token_type_ids, ...) are padded with the ids.
 
 Truncation only ever removes trailing completion tokens. A row whose prompt (with its image tokens) leaves no
-room for one completion token is refused (`TooLong`), so an image span is never cut.
+room for one completion token is refused (`TooLong`), so an image span is never cut. Without a max_length, a row
+longer than the model's own maximum (`model_max_length`) is refused whole (`BeyondModel`).
 """
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ class TooLong(ValueError):
 
 class ImageTokenMismatch(ValueError):
     pass
+
+
+class BeyondModel(ValueError):
+    """The row has more tokens than the model has positions (no max_length was set to cut its answer)."""
+
+
+UNKNOWN_LENGTH = 10 ** 9  # a tokenizer that does not know its model's maximum says ~1e30
 
 
 @dataclass
@@ -56,6 +64,17 @@ def split_prompt(processor, prompt: list[dict], *completions: list[dict]) -> tup
 
 def tokenizer_of(processor):
     return getattr(processor, "tokenizer", processor)
+
+
+def model_max_length(model_config, processor) -> int | None:
+    """The most tokens the language model takes: its `max_position_embeddings`, else the tokenizer's
+    `model_max_length` when that is a real number; None when neither says."""
+    text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+    for n in (getattr(text, "max_position_embeddings", None), getattr(model_config, "max_position_embeddings", None),
+              getattr(tokenizer_of(processor), "model_max_length", None)):
+        if isinstance(n, int) and 0 < n < UNKNOWN_LENGTH:
+            return n
+    return None
 
 
 def image_token_id(processor) -> int | None:

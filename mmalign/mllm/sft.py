@@ -23,7 +23,9 @@ class VLConversationDataConfig:
     path: str  # TRL VLM SFT format (images + messages, or prompt + completion); jsonl / parquet / HF datasets
     bad_rows: Literal["skip", "error"] = "skip"  # skip: counted, reported
     image_root: str = ""
-    max_length: int = bounded(0, 0)  # 0 = no limit; rows are cut only after their last image token
+    # 0 = the model's maximum, a longer row is a counted skip; N (<= the model's maximum): longer rows are cut,
+    # only after their last image token
+    max_length: int = bounded(0, 0)
 
 
 @dataclass
