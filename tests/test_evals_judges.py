@@ -1,5 +1,6 @@
 """Judges: the OpenAI-compatible HTTP judge against a chat-completions server started by the test (timeouts,
-retries, 429 Retry-After, 4xx, garbage), the grading layer's temperature-bumped retries, the rule judge and a
+retries, 429 Retry-After, 4xx, garbage, the per-request deadline against dripping servers, the response-size
+cap), the grading layer's temperature-bumped retries, the rule judge and a
 local transformers judge on tiny models built from configs."""
 import json
 import threading
@@ -9,9 +10,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from mmalign.cli import build_parser
+from mmalign.core.config import ConfigError
+from mmalign.evals.cli_mllm import judge_settings
 from mmalign.evals.judge_http import HTTPJudge, content_of, retry_after_seconds
 from mmalign.evals.judges import (JudgeRequestError, JudgeResponseError, LocalJudge, RuleJudge,
                                   grade_with_retries)
+from mmalign.evals.mllm_bench import make_judge
 from mmalign.evals.mmvet import parse_grade
 from mmalign.evals.mtbench import parse_rating
 
@@ -89,7 +94,32 @@ class ChatServer:
                     return self.send(200, completion("The answer is quite good overall."))
                 if scenario == "grader":
                     return self.send(200, completion(grader_reply(body)))
+                if scenario.startswith("drip-"):
+                    return self.drip(scenario == "drip-headers")
+                if scenario == "huge-sized":  # declares 50 kB, then stalls: a capped client reads none of it
+                    return self.stall(b"HTTP/1.0 200 OK\r\nContent-Length: 50000\r\n\r\n" + b" " * 100)
+                if scenario == "huge-unsized":  # 50 kB, no length, then stalls: a capped client stops at the cap
+                    return self.stall(b"HTTP/1.0 200 OK\r\n\r\n" + completion("x" * 50_000))
                 return self.send(400, b'{"error": "unknown scenario"}')
+
+            def drip(self, in_headers: bool):
+                """One byte every 0.2 s: of the headers, or of the body after complete headers."""
+                head = b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n"
+                sent, dripped = (b"", head) if in_headers else (head, completion("0.8").ljust(1000))
+                try:
+                    self.wfile.write(sent)
+                    for i in range(len(dripped)):
+                        self.wfile.write(dripped[i:i + 1])
+                        time.sleep(0.2)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client cut the connection at its deadline
+
+            def stall(self, raw: bytes):
+                try:
+                    self.wfile.write(raw)
+                    time.sleep(5.0)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -151,6 +181,55 @@ def test_slow_response_times_out_and_is_retried_a_bounded_number_of_times(server
         judge.complete(MSGS)
     assert time.time() - t0 < 3  # three 0.2 s timeouts, back-off sleeps injected
     assert server.calls["slow"] == 3 and sleeps == [0.5, 1.0]  # exponential back-off between tries
+
+
+@pytest.mark.parametrize("scenario, retries", [("drip-body", 0), ("drip-headers", 1)])
+def test_a_dripping_server_is_cut_at_the_deadline_and_retried_like_a_timeout(server, key, scenario, retries):
+    sleeps = []
+    judge = judge_for(server, scenario, key, sleeps, timeout=5.0, deadline=1.0, max_retries=retries, backoff=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(JudgeResponseError, match=f"after {retries + 1} tries.*within the 1s deadline"):
+        judge.complete(MSGS)
+    elapsed = time.monotonic() - t0
+    # a byte every 0.2 s never trips the 5 s socket timeout: only the 1 s deadline per try ends it
+    assert retries + 1 - 0.05 < elapsed < retries + 2
+    assert server.calls[scenario] == retries + 1 and sleeps == [0.5] * retries
+
+
+@pytest.mark.parametrize("scenario, what", [("huge-sized", "Content-Length 50000"), ("huge-unsized", "body")])
+def test_a_body_over_the_cap_is_refused_unread_and_not_retried(server, key, scenario, what):
+    judge = judge_for(server, scenario, key, timeout=30.0, deadline=30.0, max_response_bytes=1000)
+    t0 = time.monotonic()
+    with pytest.raises(JudgeResponseError, match=f"its {what} exceeds the cap of 1000 bytes"):
+        judge.complete(MSGS)
+    assert time.monotonic() - t0 < 2  # the server then stalls 5 s: the client stopped reading at the cap
+    assert server.calls[scenario] == 1
+
+
+def test_a_body_at_the_cap_is_read(server, key):
+    size = len(completion("0.8"))
+    assert judge_for(server, "ok", key, max_response_bytes=size, deadline=5.0).complete(MSGS) == "0.8"
+    with pytest.raises(JudgeResponseError, match=f"Content-Length {size} exceeds the cap of {size - 1} bytes"):
+        judge_for(server, "ok", key, max_response_bytes=size - 1).complete(MSGS)
+
+
+def test_deadline_and_cap_settings_are_checked_and_reach_the_judge_from_the_command_line():
+    for bad in ({"deadline": 0}, {"deadline": float("inf")}, {"timeout": -1.0}, {"timeout": float("nan")}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a positive number of seconds"):
+            HTTPJudge("http://127.0.0.1:9/v1", "m", **bad)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="max_response_bytes must be a positive whole number"):
+            HTTPJudge("http://127.0.0.1:9/v1", "m", max_response_bytes=bad)
+    args = ["eval", "mllm", "--model", "m", "--bench", "b.jsonl", "--judge", "http", "--judge-model", "jm",
+            "--base-url", "http://127.0.0.1:9/v1"]
+    judge = make_judge(judge_settings(build_parser().parse_args(args)), "mmvet")
+    assert (judge.deadline, judge.max_response_bytes, judge.timeout) == (120.0, 4_000_000, 60.0)  # defaults
+    a = build_parser().parse_args(args + ["--judge-deadline", "7.5", "--judge-max-response-bytes", "1234"])
+    judge = make_judge(judge_settings(a), "mmvet")
+    assert (judge.deadline, judge.max_response_bytes) == (7.5, 1234)
+    a = build_parser().parse_args(args + ["--judge-deadline", "0"])
+    with pytest.raises(ConfigError, match="--judge http: deadline must be a positive number of seconds, got 0.0"):
+        make_judge(judge_settings(a), "mmvet")
 
 
 def test_server_error_then_success(server, key):

@@ -249,6 +249,40 @@ def test_clear_errors_name_the_file(tmp_path):
         discover(root)
 
 
+def test_images_outside_the_run_are_never_read_and_counted(tmp_path):
+    root = tmp_path / "runs" / "run"
+    secret, linked = tmp_path / "secret.png", tmp_path / "elsewhere" / "linked.png"
+    _png(secret, (11, 22, 33))
+    _png(linked, (44, 55, 66))
+    (tmp_path / "junk.png").write_bytes(b"not a png")  # opening it would be a DataError
+    _png(root / "samples" / "in.png", (77, 88, 99))
+    _png(root / "samples" / "abs.png", (1, 2, 3))
+    (root / "samples" / "link.png").symlink_to(linked)
+    names = ["../../secret.png", "samples/link.png", "samples/in.png", str(root / "samples" / "abs.png"),
+             str(secret), "../../junk.png", "../../absent.png"]
+    (root / "samples.jsonl").write_text("".join(json.dumps({"file_name": n, "prompt": f"p{i}"}) + "\n"
+                                                for i, n in enumerate(names)))
+    page = build_report([root])
+    b64 = {p.name: base64.b64encode(p.read_bytes()).decode() for p in (secret, linked, root / "samples" / "in.png",
+                                                                       root / "samples" / "abs.png")}
+    assert b64["secret.png"] not in page and b64["linked.png"] not in page
+    srcs = img_srcs(page)
+    assert len(srcs) == 2 and b64["in.png"] in srcs[0] and b64["abs.png"] in srcs[1]  # in-run, relative or absolute
+    assert "(top level): 5 outside the run" in page and page.count("skipped: outside the run") == 5
+    alias = tmp_path / "alias"  # a run directory reached through a symlink is still the run
+    alias.symlink_to(root)
+    page = build_report([alias])
+    assert len(img_srcs(page)) == 2 and "(top level): 5 outside the run" in page
+
+    demo = diffusion_run(tmp_path / "demo")  # in a before/after grid: the pair stays, its outside image does not
+    rows = (demo / "dpo" / "eval" / "samples.jsonl").read_text().splitlines()
+    rows[0] = json.dumps({**json.loads(rows[0]), "file_name": "../../../secret.png"})
+    (demo / "dpo" / "eval" / "samples.jsonl").write_text("\n".join(rows) + "\n")
+    page = build_report([demo])
+    assert b64["secret.png"] not in page and len(img_srcs(page)) == 5
+    assert "dpo: 1 outside the run" in page and "base: " not in page.split("Images skipped")[1].split("</p>")[0]
+
+
 def test_cli_report(tmp_path, capsys):
     root = diffusion_run(tmp_path / "run")
     main(["report", str(root)])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+from .judge_http import DEADLINE, MAX_RESPONSE_BYTES
 from .mllm_bench import PROTOCOLS
 
 
@@ -15,7 +16,8 @@ def judge_settings(a):
     return JudgeSettings(a.judge, model=a.judge_model, base_url=a.base_url, api_key_env=a.api_key_env,
                          runs=a.judge_runs, temperature=a.judge_temperature, tries=a.judge_tries,
                          timeout=a.judge_timeout, retries=a.judge_retries, max_tokens=a.judge_max_tokens,
-                         send_seed=not a.judge_no_seed)
+                         send_seed=not a.judge_no_seed, deadline=a.judge_deadline,
+                         max_response_bytes=a.judge_max_response_bytes)
 
 
 def cmd_eval_mllm(a) -> None:
@@ -58,7 +60,11 @@ def register(esub) -> None:
     p.add_argument("--judge-runs", type=int, default=1, help="mmvet: judge runs (mean and std per capability)")
     p.add_argument("--judge-temperature", type=float, default=0.0, help="first try; +0.2 per retry")
     p.add_argument("--judge-tries", type=int, default=5)
-    p.add_argument("--judge-timeout", type=float, default=60.0)
+    p.add_argument("--judge-timeout", type=float, default=60.0, help="http: seconds of silence on the socket")
+    p.add_argument("--judge-deadline", type=float, default=DEADLINE,
+                   help="http: seconds per request in all (connect, headers, body); a try past it is cut")
+    p.add_argument("--judge-max-response-bytes", type=int, default=MAX_RESPONSE_BYTES,
+                   help="http: a larger response is refused (a failed try)")
     p.add_argument("--judge-retries", type=int, default=4, help="http: retries of a failed request")
     p.add_argument("--judge-max-tokens", type=int, default=256)
     p.add_argument("--judge-no-seed", action="store_true", help="http: do not send the 'seed' field (for servers "

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from .errors import EvalError
+from .judge_http import DEADLINE, MAX_RESPONSE_BYTES
 from .judges import TEMPERATURE_STEP, TRIES
 from .mllm_tasks import TASK_OF, item_scores, llava_bench_tasks, mmvet_tasks, mt_bench_tasks, paired_comparison
 
@@ -29,7 +30,9 @@ class JudgeSettings:
     runs: int = 1  # mmvet: judge runs (mean and std per capability)
     temperature: float = 0.0  # first try; + TEMPERATURE_STEP per retry
     tries: int = TRIES
-    timeout: float = 60.0  # http
+    timeout: float = 60.0  # http: seconds of silence on the socket
+    deadline: float = DEADLINE  # http: seconds per request in all (connect, headers, body)
+    max_response_bytes: int = MAX_RESPONSE_BYTES  # http: a larger response is refused
     retries: int = 4  # http: retries of a failed request
     max_tokens: int = 256
     send_seed: bool = True  # http: send the 'seed' field (sampling is not reproducible without it)
@@ -72,8 +75,12 @@ def make_judge(s: JudgeSettings, protocol: str):
     if not s.base_url:
         raise ConfigError("--judge http needs --base-url (e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1)")
     from .judge_http import HTTPJudge
-    return HTTPJudge(s.base_url, s.model, api_key_env=s.api_key_env or None, timeout=s.timeout,
-                     max_retries=s.retries, max_tokens=s.max_tokens, send_seed=s.send_seed)
+    try:
+        return HTTPJudge(s.base_url, s.model, api_key_env=s.api_key_env or None, timeout=s.timeout,
+                         max_retries=s.retries, max_tokens=s.max_tokens, send_seed=s.send_seed, deadline=s.deadline,
+                         max_response_bytes=s.max_response_bytes)
+    except ValueError as e:
+        raise ConfigError(f"--judge http: {e}") from None
 
 
 def chat_prompt(item):

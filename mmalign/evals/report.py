@@ -10,6 +10,8 @@ Recognised (searched up to 4 levels deep; checkpoints, caches, model exports and
   other kind (evaluators, the video demo) -> one table per task;
 - any other ``samples.jsonl`` (``mmalign sample``, video GIFs) -> an image grid.
 A directory with none of these, or a recognised file that does not parse, is a DataError naming it.
+Images are read only from inside the run directory: a sample whose image resolves (symlinks followed) outside it
+is not opened, and the page counts it as skipped, "outside the run".
 """
 from __future__ import annotations
 
@@ -30,14 +32,16 @@ SMALL_IMAGE = 64  # px: shown upscaled without smoothing
 MAX_SIDE = 256  # px: larger images are downscaled before embedding
 PRUNED_DIRS = {"checkpoints", "cache", "ref_cache", "final", "tensorboard", "samples", "images", "pairs"}
 MAX_DEPTH = 4
+OUTSIDE_RUN = "outside the run"
 
 
 @dataclass
 class Sample:
-    file: Path
+    file: Path  # resolved when in the run; as written otherwise
     prompt: str
     seed: int | None
     scores: dict
+    skipped: str | None = None  # why the image is not shown (OUTSIDE_RUN); None: shown
 
 
 @dataclass
@@ -45,6 +49,14 @@ class SampleSet:
     label: str
     path: Path  # the samples.jsonl
     samples: list[Sample]
+
+    def skips(self) -> dict[str, int]:
+        """{reason: count} of samples whose image is not shown."""
+        out: dict[str, int] = {}
+        for smp in self.samples:
+            if smp.skipped:
+                out[smp.skipped] = out.get(smp.skipped, 0) + 1
+        return out
 
 
 @dataclass
@@ -99,9 +111,11 @@ def read_metrics_log(path: Path, name: str) -> TrainingLog:
     return TrainingLog(name, Path(path), records)
 
 
-def read_samples(path: Path, label: str) -> SampleSet:
-    """samples.jsonl rows {"file_name", "prompt" (or "text"), "seed"?, "scores"?}; every image must exist."""
-    path = Path(path)
+def read_samples(path: Path, label: str, root: Path) -> SampleSet:
+    """samples.jsonl rows {"file_name", "prompt" (or "text"), "seed"?, "scores"?}. An image resolving outside `root`
+    (the run directory, resolved) is never opened: the sample is kept, marked skipped OUTSIDE_RUN; every other
+    image must exist."""
+    path, root = Path(path), Path(root).resolve()
     out = []
     for i, r in enumerate(read_jsonl(path), 1):
         if not isinstance(r.get("file_name"), str):
@@ -110,7 +124,14 @@ def read_samples(path: Path, label: str) -> SampleSet:
         seed = r.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise DataError(f"{path}: row {i} has a non-integer seed {seed!r}")
-        file = path.parent / r["file_name"]
+        named = path.parent / r["file_name"]
+        try:
+            file = named.resolve()
+        except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symlink loop
+            raise DataError(f"{path}: row {i} names {r['file_name']!r}, which cannot be resolved ({e})") from None
+        if not file.is_relative_to(root):
+            out.append(Sample(named, str(prompt), seed, r.get("scores") or {}, skipped=OUTSIDE_RUN))
+            continue
         if not file.is_file():
             raise DataError(f"{path}: row {i} names {r['file_name']!r}, which does not exist")
         out.append(Sample(file, str(prompt), seed, r.get("scores") or {}))
@@ -196,11 +217,11 @@ def guarded(path: Path):
         raise DataError(f"{path}: unexpected contents ({type(e).__name__}: {e})") from None
 
 
-def _diffusion_sample_sets(results_path: Path, results: dict) -> list[SampleSet]:
+def _diffusion_sample_sets(results_path: Path, results: dict, root: Path) -> list[SampleSet]:
     here = results_path.parent
     candidates = [("base", here / "base" / "samples.jsonl")]
     candidates += [(m, here / m / "eval" / "samples.jsonl") for m in results["aligned"]]
-    return [read_samples(p, label) for label, p in candidates if p.is_file()]
+    return [read_samples(p, label, root) for label, p in candidates if p.is_file()]
 
 
 def _read_results_file(run: Run, path: Path, doc: dict) -> list[Path]:
@@ -209,7 +230,7 @@ def _read_results_file(run: Run, path: Path, doc: dict) -> list[Path]:
     with guarded(path):
         if kind == DIFFUSION_DEMO:
             results = unpack_diffusion_demo(doc)
-            sets = _diffusion_sample_sets(path, results)
+            sets = _diffusion_sample_sets(path, results, run.root)
             run.diffusion.append((path, results, sets))
             return [s.path for s in sets]
         if kind == MLLM_DEMO:
@@ -242,7 +263,8 @@ def discover(root) -> Run:
     for d, files in _walk(root):
         if "samples.jsonl" in files and d / "samples.jsonl" not in owned:
             rel = d.relative_to(root).as_posix()
-            run.sample_sets.append(read_samples(d / "samples.jsonl", "(top level)" if rel == "." else rel))
+            label = "(top level)" if rel == "." else rel
+            run.sample_sets.append(read_samples(d / "samples.jsonl", label, root))
     if run.empty():
         raise DataError(f"{root}: nothing to report (no metrics.jsonl, demo results.json, evaluation results "
                         f"file or samples.jsonl within {MAX_DEPTH} levels)")

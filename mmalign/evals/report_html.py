@@ -8,7 +8,7 @@ import time
 from html import escape
 from pathlib import Path
 
-from .report import SMALL_IMAGE, Run, SampleSet, guarded, image_uri, pair_by_prompt_seed
+from .report import SMALL_IMAGE, Run, Sample, SampleSet, guarded, image_uri, pair_by_prompt_seed
 from .svg_chart import PALETTE, line_chart
 
 CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
@@ -19,7 +19,8 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}td.sig{font-weight:bold}.note{co
 svg.chart text{font-size:11px;fill:#333}svg.chart text.ctitle{font-size:13px;font-weight:bold}
 .blocks{display:flex;flex-wrap:wrap;gap:8px}.pair{border:1px solid #ddd;padding:4px}
 figure{display:inline-block;margin:2px;vertical-align:top;font-size:11px;text-align:center;max-width:120px;
-overflow-wrap:break-word}img.t{width:112px;height:auto}img.px{image-rendering:pixelated}.cap{font-size:12px}"""
+overflow-wrap:break-word}img.t{width:112px;height:auto}img.px{image-rendering:pixelated}.cap{font-size:12px}
+div.skip{width:112px;height:112px;background:#fee;display:flex;align-items:center;justify-content:center}"""
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
@@ -69,10 +70,22 @@ def _scores(scores: dict) -> tuple[str, str]:
     return shown, full
 
 
-def _figure(path: Path, alt: str, label: str, scores: dict) -> str:
-    shown, full = _scores(scores)
-    return (f'<figure title="{escape(full)}">{img_tag(path, alt)}<figcaption>{escape(label)}'
+def _figure(smp: Sample, alt: str, label: str) -> str:
+    shown, full = _scores(smp.scores)
+    pic = img_tag(smp.file, alt) if smp.skipped is None else f'<div class="skip">skipped: {escape(smp.skipped)}</div>'
+    return (f'<figure title="{escape(full)}">{pic}<figcaption>{escape(label)}'
             f'{"<br>" + escape(shown) if shown else ""}</figcaption></figure>')
+
+
+def skip_note(sets: list[SampleSet]) -> str:
+    """A warning counting, per sample file, the images not shown and why (empty when none was skipped)."""
+    counts = [(st.label, st.skips()) for st in sets]
+    parts = [f"{label}: " + ", ".join(f"{n} {reason}" for reason, n in skips.items()) for label, skips in counts
+             if skips]
+    if not parts:
+        return ""
+    return (f'<p class="warn">Images skipped (never read): {escape("; ".join(parts))}. Only files inside the run '
+            f"directory are embedded.</p>")
 
 
 def compare_grid(sets: list[SampleSet], max_images: int) -> Markup:
@@ -82,24 +95,23 @@ def compare_grid(sets: list[SampleSet], max_images: int) -> Markup:
     lookup = [{(s.prompt, s.seed): s for s in st.samples} for st in sets]
     blocks = []
     for prompt, seed in keys[:n_blocks]:
-        figs = "".join(_figure(d[(prompt, seed)].file, f"{st.label}: {prompt} (seed {seed})", st.label,
-                               d[(prompt, seed)].scores) for st, d in zip(sets, lookup))
+        figs = "".join(_figure(d[(prompt, seed)], f"{st.label}: {prompt} (seed {seed})", st.label)
+                       for st, d in zip(sets, lookup))
         blocks.append(f'<div class="pair"><div class="cap">{escape(prompt)} <span class=note>seed {seed}</span>'
                       f"</div>{figs}</div>")
     note = (f"<p class=note>Same prompts and seeds in every block ({' | '.join(escape(s.label) for s in sets)}). "
             f"Showing {n_blocks} of {len(keys)} paired (prompt, seed) blocks ({n_blocks * len(sets)} images; at most "
             f"{max_images} images per grid).</p>")
-    warn = "".join(f'<p class="warn">{escape(w)}</p>' for w in warnings)
+    warn = "".join(f'<p class="warn">{escape(w)}</p>' for w in warnings) + skip_note(sets)
     return Markup(warn + note + '<div class="blocks">' + "".join(blocks) + "</div>")
 
 
 def sample_grid(st: SampleSet, max_images: int) -> Markup:
     shown = st.samples[:max_images]
-    figs = [_figure(s.file, s.prompt, s.prompt + ("" if s.seed is None else f" (seed {s.seed})"), s.scores)
-            for s in shown]
+    figs = [_figure(s, s.prompt, s.prompt + ("" if s.seed is None else f" (seed {s.seed})")) for s in shown]
     note = (f"<p class=note>Showing {len(shown)} of {len(st.samples)} samples from {escape(str(st.path))} "
             f"(at most {max_images} images per grid).</p>")
-    return Markup(note + '<div class="blocks">' + "".join(figs) + "</div>")
+    return Markup(skip_note([st]) + note + '<div class="blocks">' + "".join(figs) + "</div>")
 
 
 def training_html(run: Run, smooth: float, headline: dict) -> Markup:
