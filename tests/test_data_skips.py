@@ -38,6 +38,17 @@ def test_empty_caption_is_a_counted_skip(tmp_path):
         read_pairs(path, bad_rows="error")
 
 
+def test_empty_caption_in_a_caption_folder_is_a_counted_skip(tmp_path):
+    from mmalign.datasets.records import read_caption_folder
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": "a.png", "text": t}) + "\n" for t in ("a red square", "", " \t")))
+    rows, report = read_caption_folder(tmp_path)
+    assert [r.caption for r in rows] == ["a red square"] and dict(report.skipped) == {"empty caption": 2}
+    with pytest.raises(DataError, match=r"metadata\.jsonl:2: empty caption"):
+        read_caption_folder(tmp_path, "error")
+
+
 def test_empty_caption_in_video_pairs_is_a_counted_skip(tmp_path):
     """The video pair reader shares the caption check: the row is refused before its videos are looked for."""
     path = tmp_path / "pairs.jsonl"

@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from mmalign.cli import main
-from mmalign.datasets.records import DataError
 from mmalign.diffusion.sampling import save_samples
 from mmalign.evals.clip_backbone import build_clip, save_backbone
 from mmalign.evals.clip_scorers import SHIPPED_CLIP, AestheticHead, make_scorer
@@ -81,7 +80,7 @@ def test_bad_rows_are_counted_skips_or_errors(clip_dir, tmp_path):
     skipped = doc["mmalign"]["extra"]["images_clipscore"]["rows"]["skipped"]
     assert skipped == {"image file not found": 1, "unreadable image": 1, "missing or non-string prompt": 1,
                        "invalid JSON (Expecting property name enclosed in double quotes)": 1}
-    with pytest.raises(DataError, match=r"samples.jsonl:2: image file not found"):
+    with pytest.raises(SystemExit, match=r"^error: .*samples.jsonl:2: image file not found"):
         main(["eval", "images", str(run), "--model", str(clip_dir), "--bad-rows", "error"])
 
 
@@ -127,7 +126,7 @@ def test_compare_skips_a_pair_whose_image_is_missing_in_either_run(clip_dir, tmp
     doc = read_results(tmp_path / "c.json")["doc"]
     assert doc["n-samples"]["compare_clipscore"] == {"original": 5, "effective": 3}
     assert [r["seed"] for r in sample_rows(tmp_path / "c.json", "compare_clipscore")] == [1, 2, 3]
-    with pytest.raises(DataError, match="image file not found"):
+    with pytest.raises(SystemExit, match="^error: .*image file not found"):
         main(["eval", "compare", str(a), str(b), "--model", str(clip_dir), "--bad-rows", "error"])
 
 

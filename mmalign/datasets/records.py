@@ -103,6 +103,9 @@ def read_caption_folder(folder: str | Path, policy: str = "skip") -> tuple[list[
         if not isinstance(obj.get("text"), str):
             reject(report, policy, "missing or non-string text", where)
             continue
+        if not obj["text"].strip():  # an unconditional example is caption dropout's job, not the data's
+            reject(report, policy, "empty caption", where)
+            continue
         path = folder / obj["file_name"]
         if not path.is_file():
             reject(report, policy, "image file not found", where)

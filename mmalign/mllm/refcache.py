@@ -1,8 +1,9 @@
 """Reference log-probabilities computed once, before training, and stored on disk.
 
-The entry for a (model files, data file, encoding settings) key is `root/<fingerprint[:20]>/`: one part file per
-chunk of rows, written atomically, so an interrupted pass resumes where it stopped; `key.json` holds the full
-key. Training then needs no reference model at all (no frozen copy in memory, no second forward).
+The entry for a (model files, data file, the image files its rows point to, encoding settings) key is
+`root/<fingerprint[:20]>/`: one part file per chunk of rows, written atomically, so an interrupted pass resumes
+where it stopped; `key.json` holds the full key. Training then needs no reference model at all (no frozen copy
+in memory, no second forward).
 """
 from __future__ import annotations
 
