@@ -1,4 +1,5 @@
 """`mmalign eval images` / `mmalign eval compare` on tiny sample folders scored by a tiny random open_clip."""
+import argparse
 import hashlib
 import json
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmalign.cli import main
+from mmalign.cli import build_parser, main
 from mmalign.diffusion.sampling import save_samples
 from mmalign.evals.clip_backbone import build_clip, save_backbone
 from mmalign.evals.clip_scorers import SHIPPED_CLIP, AestheticHead, make_scorer
@@ -133,13 +134,14 @@ def test_compare_skips_a_pair_whose_image_is_missing_in_either_run(clip_dir, tmp
 def test_compare_refuses_other_prompts_or_seeds(clip_dir, tmp_path):
     a, _ = folder(tmp_path / "a")
     b, _ = folder(tmp_path / "b", seeds=[0, 1, 7, 3, 4])
-    with pytest.raises(ValueError, match=r"row 3 differs: .*'a green triangle' seed 2.*'a green triangle' seed 7"):
+    with pytest.raises(SystemExit, match=r"^error: row 3 differs: .*'a green triangle' seed 2.*'a green triangle' "
+                                         r"seed 7"):
         main(["eval", "compare", str(a), str(b), "--model", str(clip_dir)])
     (b / "samples/00002.png").unlink()  # a row skipped for its image still has to match
-    with pytest.raises(ValueError, match="row 3 differs"):
+    with pytest.raises(SystemExit, match="^error: row 3 differs"):
         main(["eval", "compare", str(a), str(b), "--model", str(clip_dir)])
     c, _ = folder(tmp_path / "c", PROMPTS[:4])
-    with pytest.raises(ValueError, match="has 5 rows but .* has 4"):
+    with pytest.raises(SystemExit, match="^error: .* has 5 rows but .* has 4"):
         main(["eval", "compare", str(a), str(c), "--model", str(clip_dir)])
     with pytest.raises(SystemExit, match="at least 1000"):
         main(["eval", "compare", str(a), str(a), "--model", str(clip_dir), "--n-boot", "200"])
@@ -165,14 +167,91 @@ def test_aesthetic_and_hpsv2_through_the_cli(clip_dir, tmp_path):
 
 
 @pytest.mark.skipif(not (SHIPPED_CLIP / "open_clip_model.safetensors").is_file(), reason="shipped CLIP not built")
-def test_default_model_is_the_shipped_clip(tmp_path):
+def test_clipscore_without_model_uses_the_shipped_clip_and_says_so(tmp_path, capsys):
     from mmalign.datasets.shapeworld import render_scene, sample_scenes
 
     scenes = sample_scenes(5, 4, split="heldout")
     save_samples(tmp_path / "run", [render_scene(s) for s in scenes], [s.caption for s in scenes], [0, 1, 2, 3])
     main(["eval", "images", str(tmp_path / "run")])
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"note: clipscore without --model scores with the shipped ShapeWorld CLIP "
+                              f"({SHIPPED_CLIP}), meaningful only for ShapeWorld prompts")
     doc = read_results(tmp_path / "run/eval_clipscore.json")["doc"]
     assert doc["config"]["model"] == str(SHIPPED_CLIP) and doc["results"]["images_clipscore"]["clipscore,none"] > 0
+    assert "only for ShapeWorld prompts" in doc["mmalign"]["extra"]["images_clipscore"]["model_notice"]
+    # chosen explicitly (by name or path): the same scores, no notice
+    for model in ("shapeworld", str(SHIPPED_CLIP)):
+        main(["eval", "images", str(tmp_path / "run"), "--model", model, "--out", str(tmp_path / "x.json")])
+        assert "note:" not in capsys.readouterr().out
+        explicit = read_results(tmp_path / "x.json")["doc"]
+        assert "model_notice" not in explicit["mmalign"]["extra"]["images_clipscore"]
+        assert explicit["results"] == doc["results"] and explicit["config"]["model"] == str(SHIPPED_CLIP)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--scorer", "pickscore"], "pickscore needs its published weights, yuvalkirstain/PickScore_v1"),
+    (["--scorer", "hpsv2"], "hpsv2 needs its published weights: pass --model HPS_v2.1_compressed.pt"),
+    (["--scorer", "aesthetic", "--model", "shapeworld"], "aesthetic needs the LAION aesthetic predictor head: "
+                                                        "pass --head sac+logos+ava1-l14-linearMSE.pth"),
+    (["--scorer", "aesthetic", "--head", "h.pth"], "aesthetic needs its backbone, OpenAI CLIP ViT-L/14: pass --model"),
+    (["--scorer", "aesthetic"], "aesthetic needs the LAION aesthetic predictor head: pass --head sac+logos+ava1-l14-"
+                                "linearMSE.pth (christophschuhmann/improved-aesthetic-predictor), an MLP on CLIP "
+                                "ViT-L/14 image embeddings; aesthetic needs its backbone, OpenAI CLIP ViT-L/14: "
+                                "pass --model openai"),
+])
+def test_scorers_without_their_published_weights_refuse(tmp_path, args, named):
+    run, _ = folder(tmp_path / "run")
+    for verb in (["images", str(run)], ["compare", str(run), str(run)]):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", *verb, *args])
+        assert str(e.value.code).startswith(f"error: {named}") and "\n" not in str(e.value.code)
+    assert not list(run.glob("*.json"))
+
+
+def test_compare_counts_kept_rows_and_names_the_ci_unit(clip_dir, tmp_path, capsys):
+    a, _ = folder(tmp_path / "a", image_seed=1)
+    b, _ = folder(tmp_path / "b", image_seed=2)
+    (a / "samples/00000.png").unlink()
+    (b / "samples/00004.png").unlink()
+    main(["eval", "compare", str(a), str(b), "--model", str(clip_dir), "--out", str(tmp_path / "c.json")])
+    extra = read_results(tmp_path / "c.json")["doc"]["mmalign"]["extra"]["compare_clipscore"]
+    pair_skipped = "its pair in the other folder was skipped"
+    assert extra["rows_a"]["kept"] == extra["rows_b"]["kept"] == 3
+    assert extra["rows_a"]["skipped"] == extra["rows_b"]["skipped"] == {"image file not found": 1, pair_skipped: 1}
+    assert extra["rows_a"]["examples"][pair_skipped] == [f"{a / 'samples.jsonl'}:5"]
+    assert extra["ci_unit"].startswith("95 % CI over prompts (paired")
+    printed = capsys.readouterr().out
+    assert "95 % CI over prompts (paired" in printed and "W/T/L" in printed
+    # all rows good: kept is every row
+    main(["eval", "compare", str(b), str(b), "--model", str(clip_dir), "--out", str(tmp_path / "same.json")])
+    same = read_results(tmp_path / "same.json")["doc"]["mmalign"]["extra"]["compare_clipscore"]
+    assert same["rows_a"] == same["rows_b"] == {"total": 5, "kept": 4, "skipped": {"image file not found": 1},
+                                                "examples": {"image file not found": [f"{b / 'samples.jsonl'}:5"]}}
+
+
+def test_several_candidates_against_one_baseline_keep_their_results(clip_dir, tmp_path, capsys):
+    base, _ = folder(tmp_path / "base", image_seed=0)
+    written = {}
+    for name, image_seed in (("dpo", 1), ("cca", 2)):
+        cand, _ = folder(tmp_path / name, image_seed=image_seed)
+        main(["eval", "compare", str(cand), str(base), "--scorer", "pickscore", "--model", str(clip_dir)])
+        written[name] = cand / "compare_pickscore_vs_base.json"
+        assert f"results: {written[name]}" in capsys.readouterr().out
+    assert not list(base.glob("compare_*"))
+    docs = {k: read_results(p)["doc"] for k, p in written.items()}
+    assert {k: d["configs"]["compare_pickscore"]["a"] for k, d in docs.items()} == \
+        {"dpo": str(tmp_path / "dpo"), "cca": str(tmp_path / "cca")}
+    assert docs["dpo"]["results"] != docs["cca"]["results"]
+
+
+def test_eval_images_names_the_ci_unit(clip_dir, tmp_path, capsys):
+    run, _ = folder(tmp_path / "run")
+    main(["eval", "images", str(run), "--model", str(clip_dir)])
+    printed = capsys.readouterr().out
+    assert "(95 % CI over images, percentile bootstrap; 5 images, 5/5 rows kept)" in printed
+    assert "note:" not in printed
+    extra = read_results(run / "eval_clipscore.json")["doc"]["mmalign"]["extra"]["images_clipscore"]
+    assert extra["ci_unit"] == "95 % CI over images, percentile bootstrap"
 
 
 def test_module_imports_without_torch_and_verbs_have_help(capsys):
@@ -183,3 +262,11 @@ def test_module_imports_without_torch_and_verbs_have_help(capsys):
         with pytest.raises(SystemExit):
             main(["eval", verb, "--help"])
         assert "--scorer" in capsys.readouterr().out
+    evals = _subparsers(build_parser())["eval"]
+    for verb in ("images", "compare"):
+        undocumented = [a.dest for a in _subparsers(evals)[verb]._actions if not a.help]
+        assert undocumented == [], verb
+
+
+def _subparsers(parser) -> dict:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices

@@ -3,6 +3,7 @@ checked weight loading, held-out retrieval, and the shipped ShapeWorld CLIP."""
 import hashlib
 import json
 import math
+import re
 
 import numpy as np
 import open_clip
@@ -11,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mmalign.core.config import ConfigError
 from mmalign.evals.clip_backbone import (ClipBackbone, WeightsError, build_clip, load_backbone, read_state_dict,
                                          save_backbone)
 from mmalign.evals.clip_scorers import (SHIPPED_CLIP, Aesthetic, AestheticHead, CLIPScore, HPSv2, PickScore,
                                         load_aesthetic, load_hpsv2, load_shipped_clipscore, make_scorer,
                                         pairwise_preference, preference_probs, score_images)
+from mmalign.evals.errors import EvalError
 from mmalign.evals.retrieval import heldout_sets, shapeworld_retrieval, top1_hits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -161,10 +164,30 @@ def test_missing_weights_name_the_path(tiny_dir, tmp_path):
         load_backbone(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="head_missing.pth"):
         make_scorer("aesthetic", tiny_dir, head=tmp_path / "head_missing.pth")
-    with pytest.raises(ValueError, match="head weights file"):
+    with pytest.raises(ConfigError, match="LAION aesthetic predictor head: pass --head"):
         make_scorer("aesthetic", tiny_dir)
-    with pytest.raises(ValueError, match="needs an architecture"):
+    with pytest.raises(ConfigError, match="needs an architecture"):
         load_backbone(tmp_path / "nope.safetensors")
+    # a transformers CLIP folder (PickScore_v1's hub layout) is named as such
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no open_clip_config.json.*transformers checkpoint"):
+        load_backbone(tmp_path / "hf")
+    # a file that is neither safetensors nor a torch state dict is a WeightsError (an EvalError), not a traceback
+    (tmp_path / "junk.pt").write_bytes(b"not a pickle")
+    (tmp_path / "cfg.json").write_text(json.dumps(TINY_CFG))
+    with pytest.raises(EvalError, match="junk.pt: not a readable open_clip .* weights file"):
+        load_backbone(tmp_path / "junk.pt", arch=tmp_path / "cfg.json")
+
+
+def test_scorers_without_their_published_weights_refuse():
+    for kind, named in (("pickscore", "yuvalkirstain/PickScore_v1"), ("hpsv2", "HPS_v2.1_compressed.pt"),
+                        ("aesthetic", "ViT-L/14")):
+        with pytest.raises(ConfigError, match=f"^{kind} needs .*{re.escape(named)}") as e:
+            make_scorer(kind, head="head.pth")
+        assert "pass --model" in str(e.value)
+    with pytest.raises(ConfigError, match="unknown scorer 'clip'"):
+        make_scorer("clip")
 
 
 def test_mismatched_weights_are_refused_naming_the_tensor(tmp_path):

@@ -16,12 +16,13 @@ from pathlib import Path
 
 def diffusion_evals(out: Path, methods) -> list[Path]:
     """CLIPScore comparisons of each method's held-out samples against the base's; returns the results files."""
+    from ..assets import SHAPEWORLD_CLIP
     from ..evals.images import CompareSettings, ScorerSettings, compare_image_folders, format_comparison
 
     paths = []
-    for name in methods:
+    for name in methods:  # ShapeWorld prompts: the shipped ShapeWorld CLIP is the right scorer, chosen explicitly
         settings = CompareSettings(out / name / "eval", out / "base", out / "evals" / f"clipscore_{name}_vs_base.json",
-                                   ScorerSettings(scorer="clipscore"))
+                                   ScorerSettings(scorer="clipscore", model=str(SHAPEWORLD_CLIP)))
         path, task = compare_image_folders(settings)
         print(format_comparison(task))
         print(f"results: {path}")

@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import open_clip
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.config import ConfigError
+from .errors import EvalError
 
 CONFIG_FILE = "open_clip_config.json"
 # Weight file names looked for in a model directory, in order of preference (open_clip's names first).
@@ -32,7 +37,7 @@ WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetens
                 "pytorch_model.bin")
 
 
-class WeightsError(ValueError):
+class WeightsError(EvalError, ValueError):
     """A weights file that does not fit the architecture it is loaded into."""
 
 
@@ -50,11 +55,18 @@ def read_state_dict(path: str | Path, what: str = "model") -> dict[str, torch.Te
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(path), device="cpu")
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        if path.suffix == ".safetensors":
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{path}: not a readable {what} weights file (safetensors, or a torch state dict "
+                           f"loadable with weights_only=True): {first}") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -86,7 +98,7 @@ def build_clip(model_cfg: dict) -> nn.Module:
     """An open_clip CLIP (or CustomTextCLIP for Hugging Face text towers) from a model config, random init."""
     cfg = json.loads(json.dumps(model_cfg))  # deep copy; the caller's dict stays as it was
     if "multimodal_cfg" in cfg:
-        raise ValueError("CoCa-style configs (multimodal_cfg) are not supported as evaluator backbones")
+        raise ConfigError("CoCa-style configs (multimodal_cfg) are not supported as evaluator backbones")
     hf_text = "hf_model_name" in cfg.get("text_cfg", {})
     if hf_text:
         cfg["text_cfg"]["hf_model_pretrained"] = False  # the weights file provides the text tower
@@ -101,7 +113,7 @@ def read_config_json(path: str | Path) -> tuple[dict, dict]:
         return doc["model_cfg"], doc.get("preprocess_cfg", {})
     if "vision_cfg" in doc and "text_cfg" in doc:
         return doc, {}
-    raise ValueError(f"{path}: not an open_clip model config (needs model_cfg, or vision_cfg and text_cfg)")
+    raise ConfigError(f"{path}: not an open_clip model config (needs model_cfg, or vision_cfg and text_cfg)")
 
 
 def _weights_in_dir(folder: Path) -> Path:
@@ -116,16 +128,21 @@ def resolve(model: str | Path, arch: str | Path | None = None) -> tuple[dict, di
     spec = str(model)
     if spec.startswith("hf-hub:"):
         from huggingface_hub import snapshot_download  # network; never on a test path
-        model = snapshot_download(spec[len("hf-hub:"):], allow_patterns=[CONFIG_FILE, *WEIGHT_FILES])
+        repo = spec[len("hf-hub:"):]
+        if not (Path(snapshot_download(repo, allow_patterns=[CONFIG_FILE])) / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{spec}: not an open_clip model repository (no {CONFIG_FILE}); a "
+                                    f"transformers CLIP checkpoint has to be converted to open_clip's layout")
+        model = snapshot_download(repo, allow_patterns=[CONFIG_FILE, *WEIGHT_FILES])
     path = Path(model)
     if path.is_dir():
         if not (path / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{path}: not an open_clip model directory (no {CONFIG_FILE})")
+            other = " (its config.json is a transformers checkpoint's)" if (path / "config.json").is_file() else ""
+            raise FileNotFoundError(f"{spec}: not an open_clip model directory (no {CONFIG_FILE}){other}")
         model_cfg, pre = read_config_json(path / CONFIG_FILE)
         return model_cfg, pre, _weights_in_dir(path), str(path / CONFIG_FILE)
     if arch is None:
-        raise ValueError(f"{model}: a weights file needs an architecture (an open_clip name or a config JSON); "
-                         f"or pass an open_clip model directory")
+        raise ConfigError(f"{model}: a weights file needs an architecture (an open_clip name or a config JSON); "
+                          f"or pass an open_clip model directory")
     if str(arch).endswith(".json"):
         if not Path(arch).is_file():
             raise FileNotFoundError(f"model config file not found: {arch}")
@@ -133,7 +150,7 @@ def resolve(model: str | Path, arch: str | Path | None = None) -> tuple[dict, di
     else:
         model_cfg, pre = open_clip.get_model_config(str(arch)), {}
         if model_cfg is None:
-            raise ValueError(f"unknown open_clip architecture {arch!r} (see open_clip.list_models())")
+            raise ConfigError(f"unknown open_clip architecture {arch!r} (see open_clip.list_models())")
         if not path.exists() and spec in open_clip.list_pretrained_tags_by_model(str(arch)):
             tag_cfg = open_clip.get_pretrained_cfg(str(arch), spec)  # a published tag: download, then as a file
             path = Path(open_clip.download_pretrained(tag_cfg))
@@ -179,9 +196,11 @@ class ClipBackbone:
     def image_embeddings(self, images, batch_size: int = 64) -> torch.Tensor:
         """(N, D) L2-normalised image embeddings of PIL images, `batch_size` at a time."""
         out = []
-        for i in range(0, len(images), batch_size):
-            x = torch.stack([self.preprocess(im) for im in images[i:i + batch_size]])
-            out.append(self.model.encode_image(x, normalize=True))
+        with tqdm(total=len(images), desc="CLIP image embeddings", unit="img", delay=2) as bar:  # shown after 2 s
+            for i in range(0, len(images), batch_size):
+                x = torch.stack([self.preprocess(im) for im in images[i:i + batch_size]])
+                out.append(self.model.encode_image(x, normalize=True))
+                bar.update(len(x))
         return torch.cat(out) if out else torch.empty(0, self.model.text_projection.shape[-1])
 
     @torch.no_grad()

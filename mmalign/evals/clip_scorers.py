@@ -16,12 +16,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..assets import SHAPEWORLD_CLIP as SHIPPED_CLIP
+from ..core.config import ConfigError
 from .clip_backbone import ClipBackbone, load_backbone, load_checked
 
-from ..assets import SHAPEWORLD_CLIP as SHIPPED_CLIP
 SCORERS = ("clipscore", "pickscore", "hpsv2", "aesthetic")
 # Architecture a bare weights file is read with when none is given (what the public weights were trained on).
-DEFAULT_ARCH = {"hpsv2": "ViT-H-14", "aesthetic": "ViT-L-14-quickgelu"}
+DEFAULT_ARCH = {"pickscore": "ViT-H-14", "hpsv2": "ViT-H-14", "aesthetic": "ViT-L-14-quickgelu"}
+# The published weights a scorer's numbers mean something with, and how to pass them: a scorer refuses to run
+# without them (only CLIPScore has a default backbone, the shipped ShapeWorld CLIP).
+NEEDS_MODEL = {
+    "pickscore": "pickscore needs its published weights, yuvalkirstain/PickScore_v1 (CLIP ViT-H/14): pass --model "
+                 "as an open_clip model directory (open_clip_config.json + weights) or a weights file (read as "
+                 "--arch ViT-H-14); the hub copy is a transformers checkpoint and must be converted to open_clip's "
+                 "layout first",
+    "hpsv2": "hpsv2 needs its published weights: pass --model HPS_v2.1_compressed.pt (or HPS_v2_compressed.pt, "
+             "from xswu/HPSv2 on the Hugging Face hub), read on open_clip ViT-H-14",
+    "aesthetic": "aesthetic needs its backbone, OpenAI CLIP ViT-L/14: pass --model openai (open_clip downloads it; "
+                 "read as --arch ViT-L-14-quickgelu) or hf-hub:timm/vit_large_patch14_clip_224.openai or a local "
+                 "copy",
+}
+NEEDS_HEAD = ("aesthetic needs the LAION aesthetic predictor head: pass --head sac+logos+ava1-l14-linearMSE.pth "
+              "(christophschuhmann/improved-aesthetic-predictor), an MLP on CLIP ViT-L/14 image embeddings")
 
 
 def paired_cosines(backbone: ClipBackbone, images, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
@@ -119,15 +135,24 @@ class Aesthetic:
         return self.head(self.backbone.image_embeddings(images, batch_size)).tolist()
 
 
-def make_scorer(kind: str, model: str | Path = SHIPPED_CLIP, arch: str | Path | None = None,
-                head: str | Path | None = None):
-    """A scorer from a backbone source (see clip_backbone.resolve); `head` is the aesthetic head file."""
+def check_weights_given(kind: str, model, head) -> None:
+    """Refuse a scorer whose published weights are not given (ConfigError naming them and the option)."""
     if kind not in SCORERS:
-        raise ValueError(f"unknown scorer {kind!r}; choose one of {', '.join(SCORERS)}")
+        raise ConfigError(f"unknown scorer {kind!r}; choose one of {', '.join(SCORERS)}")
+    missing = [NEEDS_HEAD] if kind == "aesthetic" and head is None else []
+    missing += [NEEDS_MODEL[kind]] if model is None and kind in NEEDS_MODEL else []
+    if missing:
+        raise ConfigError("; ".join(missing))
+
+
+def make_scorer(kind: str, model: str | Path | None = None, arch: str | Path | None = None,
+                head: str | Path | None = None):
+    """A scorer from a backbone source (see clip_backbone.resolve); `head` is the aesthetic head file. Only
+    CLIPScore has a default backbone (the shipped ShapeWorld CLIP); the others need their weights given."""
+    check_weights_given(kind, model, head)
+    model = SHIPPED_CLIP if model is None else model
     if arch is None and not Path(model).is_dir() and not str(model).startswith("hf-hub:"):
         arch = DEFAULT_ARCH.get(kind)
-    if kind == "aesthetic" and head is None:
-        raise ValueError("the aesthetic scorer needs a head weights file (the MLP state dict)")
     backbone = load_backbone(model, arch)
     if kind == "aesthetic":
         return Aesthetic.load(backbone, head)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+PAIR_SKIPPED = "its pair in the other folder was skipped"
+
 
 def samples_root(folder: str | Path) -> Path:
     """The folder holding samples.jsonl: `folder` itself or, for a run's samples/ folder, its parent."""
@@ -57,15 +59,32 @@ def load_images(entries, report, bad_rows: str) -> list:
 
 
 def aligned_pairs(a_entries, b_entries, a_root, b_root) -> None:
-    """Refuse unless both folders list the same (prompt, seed) rows in the same order; rows bad in either
-    folder are left to the bad-row policy and are not compared."""
+    """Refuse (DataError) unless both folders list the same (prompt, seed) rows in the same order; rows bad in
+    either folder are left to the bad-row policy and are not compared."""
+    from ..datasets.records import DataError
+
     if len(a_entries) != len(b_entries):
-        raise ValueError(f"{a_root} has {len(a_entries)} rows but {b_root} has {len(b_entries)}: compare needs "
+        raise DataError(f"{a_root} has {len(a_entries)} rows but {b_root} has {len(b_entries)}: compare needs "
                          f"the same prompts and seeds in the same order")
     for k, (x, y) in enumerate(zip(a_entries, b_entries)):
         if x is not None and y is not None and (x["prompt"], x["seed"]) != (y["prompt"], y["seed"]):
-            raise ValueError(f"row {k + 1} differs: {x['where']} has prompt {x['prompt']!r} seed {x['seed']}, "
+            raise DataError(f"row {k + 1} differs: {x['where']} has prompt {x['prompt']!r} seed {x['seed']}, "
                              f"{y['where']} has prompt {y['prompt']!r} seed {y['seed']}")
+
+
+def keep_complete_pairs(a_images, b_images, a_entries, b_entries, a_report, b_report) -> tuple[list, list]:
+    """Images of the pairs decoded in both folders (None elsewhere). A good row whose pair is bad in the other
+    folder is counted as a skip, so each folder's kept + skipped adds up to its rows."""
+    a_out, b_out = [], []
+    for x, y, ex, ey in zip(a_images, b_images, a_entries, b_entries):
+        if x is not None and y is None:
+            a_report.skip(PAIR_SKIPPED, ex["where"])
+        if y is not None and x is None:
+            b_report.skip(PAIR_SKIPPED, ey["where"])
+        paired = x is not None and y is not None
+        a_out.append(x if paired else None)
+        b_out.append(y if paired else None)
+    return a_out, b_out
 
 
 def per_prompt_means(prompts: list[str], a_scores: list[float], b_scores: list[float]):
