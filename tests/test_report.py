@@ -123,9 +123,19 @@ def test_line_chart_maps_data_to_the_plot_corners_and_breaks_at_nan():
     # plot box: left 62, top 26, width 520-62-12 = 446, height 240-26-38 = 176; ticks x [0, 10], y [0, 1]
     assert 'points="62.0,202.0 508.0,26.0"' in svg
     assert "loss &amp; co" in svg and "a&lt;b" in svg and "a<b" not in svg
-    broken = line_chart({"s": [(0, 0.0), (1, float("nan")), (2, 1.0), (3, 0.5)]}, "t")
+    long = [(0, 0.0), (1, float("nan")), (2, 1.0), (3, 0.5), (4, 0.2), (5, 0.3), (6, 0.1), (7, 0.4)]
+    broken = line_chart({"s": long}, "t")
     assert broken.count("<polyline") == 1 and broken.count("<circle") == 1  # NaN splits; a lone point is a dot
-    assert line_chart({"s": [(0, 0.0), (1, 1.0)]}, "t", smooth=0.5).count("<polyline") == 2  # raw + EMA
+    smoothed = line_chart({"s": long}, "t", smooth=0.5)
+    assert smoothed.count("<polyline") == 2 and 'stroke-opacity="0.25"' in smoothed  # raw faint + EMA
+
+
+def test_few_points_are_marked_and_labelled():
+    one = line_chart({"run": [(10, 0.69)]}, "loss")  # a 10-step run logged every 10 steps
+    assert one.count('<circle class="pt"') == 1 and 'r="4"' in one and ">0.69</text>" in one
+    assert "<title>run: step 10, 0.69</title>" in one
+    few = line_chart({"run": [(10, 0.7), (20, 0.5), (30, 0.4)]}, "loss", smooth=0.6)
+    assert few.count('<circle class="pt"') == 3 and few.count("<polyline") == 1  # too few to smooth
     with pytest.raises(ValueError, match="no finite points"):
         line_chart({"s": [(0, float("nan"))]}, "t")
 
@@ -165,8 +175,9 @@ def test_pairs_by_prompt_and_seed_and_flags_mismatches(tmp_path):
     # dpo's rows are in another order: each block must pair base and dpo images of the same (prompt, seed)
     blocks = re.findall(r'<div class="pair"><div class="cap">(.*?)</div>(.*?)</div>(?=<div class="pair">|</div>)',
                         page)
-    assert len(blocks) == 3 and "two blue squares" in blocks[1][0]
-    assert "dpo<br>correct 1" in blocks[1][1] and "base<br>correct 0" in blocks[1][1]
+    assert len(blocks) == 3 and "two blue squares" in blocks[0][0]  # the only disagreement comes first
+    assert "dpo<br>correct 1" in blocks[0][1] and "base<br>correct 0" in blocks[0][1]
+    assert "|Δ correct| 1" in blocks[0][0] and "|Δ correct| 0" in blocks[1][0]
     # one extra and one missing (prompt, seed) in dpo: flagged on the page, only common pairs shown
     _samples(root / "dpo" / "eval", [(EVIL, 0, 1.0), ("two blue squares", 9, 1.0)], (0, 0, 200))
     page = build_report([root])
@@ -210,7 +221,7 @@ def test_side_by_side_and_base_only_run(tmp_path):
     write_diffusion_demo(only / "results.json", diffusion_demo_results({"colour": acc_ci(0.9, 0.8, 1.0, 1)}, {}, 1))
     (only / "notes.json").write_text(json.dumps({"results": {}, "higher_is_better": {}}))  # not an mmalign file
     page = build_report([a, only])
-    side = page.split("<h2>Side by side</h2>")[1].split("<section")[0]
+    side = page.split("<h3>Side by side</h3>")[1].split("<section")[0]
     assert "<td class=l>diffusion colour accuracy % (base)</td><td>41.4</td><td>90.0</td>" in side
     assert "win rate" not in side  # only in one run
 
@@ -268,11 +279,11 @@ def test_images_outside_the_run_are_never_read_and_counted(tmp_path):
     assert b64["secret.png"] not in page and b64["linked.png"] not in page
     srcs = img_srcs(page)
     assert len(srcs) == 2 and b64["in.png"] in srcs[0] and b64["abs.png"] in srcs[1]  # in-run, relative or absolute
-    assert "(top level): 5 outside the run" in page and page.count("skipped: outside the run") == 5
+    assert "run: 5 outside the run" in page and page.count("skipped: outside the run") == 5
     alias = tmp_path / "alias"  # a run directory reached through a symlink is still the run
     alias.symlink_to(root)
     page = build_report([alias])
-    assert len(img_srcs(page)) == 2 and "(top level): 5 outside the run" in page
+    assert len(img_srcs(page)) == 2 and "alias: 5 outside the run" in page
 
     demo = diffusion_run(tmp_path / "demo")  # in a before/after grid: the pair stays, its outside image does not
     rows = (demo / "dpo" / "eval" / "samples.jsonl").read_text().splitlines()
@@ -288,12 +299,115 @@ def test_cli_report(tmp_path, capsys):
     main(["report", str(root)])
     assert (root / "report.html").is_file() and "wrote" in capsys.readouterr().out
     main(["report", str(root), str(root), "--out", str(tmp_path / "x" / "r.html"), "--smooth", "0.6"])
-    assert "<h2>Side by side</h2>" in (tmp_path / "x" / "r.html").read_text()
+    assert "<h3>Side by side</h3>" in (tmp_path / "x" / "r.html").read_text()
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="report: .*nothing to report"):
         main(["report", str(tmp_path / "empty")])
     with pytest.raises(SystemExit, match=r"smoothing weight must lie in \[0, 1\)"):
         main(["report", str(root), "--smooth", "1"])
+
+
+# --- a user's own runs: sample folders, training runs of two families, an `eval compare` results file -----------
+
+def training_run(folder: Path, method: str, steps: list[int], loss) -> None:
+    """A trainer output folder: config.yaml naming the method, metrics.jsonl with `loss(step)`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(f"method: {method}\ntrain:\n  max_steps: {steps[-1]}\n")
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": loss(s), "lr": 1e-4,
+                                                              "elapsed_s": s / 10}) + "\n" for s in steps))
+
+
+def compare_results(path: Path, a: Path, b: Path) -> None:
+    """A results file shaped as evals/images.compare_image_folders writes it."""
+    t = TaskResult({"win_rate": 0.625, "mean_diff": 0.0123}, {"win_rate": True, "mean_diff": True}, n_original=4,
+                   config={"a": str(a), "b": str(b), "scorer": "clipscore", "bad_rows": "skip"},
+                   extra={"wins": 5, "ties": 0, "losses": 3, "win_rate_ci95": [0.31, 0.9],
+                          "mean_diff_ci95": [-0.004, 0.0291], "mean_a": [0.3, 0.28, 0.32],
+                          "mean_b": [0.29, 0.27, 0.31], "n_prompts": 4, "n_boot": 2000, "boot_seed": 0})
+    write_results(path, {"compare_clipscore": t}, model="clip <tiny>")
+
+
+def user_runs(root: Path) -> Path:
+    """Two plain sample folders (same prompts and seeds; |Δ score| 0.1, 0.7, 0.0, 0.4 for p0..p3), a diffusion run
+    with 60 logged steps (loss around 4), an MLLM run of 10 steps logged once (loss 0.7), a compare file."""
+    a_scores, b_scores = [0.5, 0.9, 0.3, 0.8], [0.4, 0.2, 0.3, 0.4]
+    for name, scores, colour in (("sample_dpo", a_scores, (0, 0, 200)), ("sample_base", b_scores, (200, 0, 0))):
+        folder = root / name
+        folder.mkdir(parents=True)
+        rows = []
+        for i, sc in enumerate(scores):
+            _png(folder / f"{i}.png", tuple(min(255, c + 40 * i) for c in colour))
+            rows.append({"file_name": f"{i}.png", "prompt": f"p{i} {EVIL}" if i == 1 else f"p{i}", "seed": i,
+                         "scores": {"clipscore": sc}})
+        (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+    training_run(root / "train_diffusion", "diffusion_dpo", list(range(10, 610, 10)),
+                 lambda s: 4 + 3 * math.sin(s / 37) + (s % 7) / 3)
+    training_run(root / "train_mllm", "mllm_dpo", [10], lambda s: 0.7)
+    compare_results(root / "sample_base" / "compare_clipscore.json", root / "sample_dpo", root / "sample_base")
+    return root
+
+
+def svgs(page: str, cls: str = "chart") -> list[str]:
+    return re.findall(rf'<svg class="{cls}[ "].*?</svg>', page, re.S)
+
+
+def test_user_runs_legends_families_and_few_points(tmp_path):
+    root = user_runs(tmp_path / "runs")
+    run = discover(root)
+    assert sorted((x.name, x.family) for x in run.logs) == [("train_diffusion", "diffusion"), ("train_mllm", "mllm")]
+    assert sorted(st.label for st in run.sample_sets) == ["sample_base", "sample_dpo"]
+    page = build_report([root])
+    assert "(top level)" not in page
+    losses = [s for s in svgs(page) if 'aria-label="loss ·' in s]
+    assert len(losses) == 2  # diffusion loss (0-8) and MLLM loss (0.7) never share an axis
+    diffusion = next(s for s in losses if "loss · diffusion" in s)
+    mllm = next(s for s in losses if "loss · mllm" in s)
+    assert "train_diffusion</text>" in diffusion and "train_mllm" not in diffusion
+    assert "train_mllm</text>" in mllm and "train_diffusion" not in mllm
+    assert mllm.count('<circle class="pt"') == 1 and ">0.7</text>" in mllm  # the one logged point: marked, labelled
+    assert 'stroke-opacity="0.25"' in diffusion and diffusion.count("<polyline") == 2  # 60 points: EMA over faint raw
+    assert "EMA 0.6 (raw faint behind)" in page
+    one_run = build_report([root / "train_mllm"])  # a single run: the legend is the folder's own name
+    assert "train_mllm</text>" in one_run and "(top level)" not in one_run
+
+
+def test_user_runs_forest_win_rate_ci_and_page_order(tmp_path):
+    root = user_runs(tmp_path / "runs")
+    diffusion_run(root / "demo")  # adds 2 accuracy gains and 1 win rate
+    page = build_report([root])
+    assert "<td class=l>win_rate</td><td>0.625</td><td>N/A</td><td>[0.31, 0.9]</td><td>↑</td>" in page
+    assert "<td class=l>mean_diff</td><td>0.0123</td><td>N/A</td><td>[-0.004, 0.0291]</td>" in page
+    forests = svgs(page, "chart forest")
+    titles = [re.search(r'aria-label="([^"]*)"', f).group(1) for f in forests]
+    assert titles == ["Diffusion demo: attribute accuracy gain vs base, points [95 % CI]",
+                      "Win rate vs the baseline, % [95 % CI] (50 = no preference)",
+                      "clipscore: mean difference A − B [95 % CI]"]
+    rows = [f.count('<g class="row">') for f in forests]
+    assert rows == [2, 2, 1]  # colour + correct; demo + compare win rates; one mean difference
+    assert "+5.0 [+1.0, +9.0]" in forests[0] and "+2.0 [-3.0, +7.0]" in forests[0]
+    assert "53.3 [49.8, 56.8]" in forests[1] and "62.5 [31.0, 90.0]" in forests[1]
+    assert "+0.0123 [-0.004, +0.0291]" in forests[2] and "runs/sample_dpo vs runs/sample_base" in forests[2]
+    assert forests[0].count('class="ref"') == 1 and 'stroke="#1f4e9c"' in forests[0]  # CI excluding 0: dark
+    order = [page.index(x) for x in ('id="headline"', "chart forest", 'id="samples"', 'class="pair"',
+                                     'id="training"', 'aria-label="loss ·')]
+    assert order == sorted(order)  # headline results, then sample grids, then training curves
+
+
+def test_paired_grid_of_two_sample_folders_by_disagreement(tmp_path):
+    root = user_runs(tmp_path / "runs")
+    page = build_report([root], max_images=6)
+    grid = page.split("<h3>sample_base vs sample_dpo</h3>")[1]
+    caps = re.findall(r'<div class="cap">(p\d)', grid)
+    assert caps == ["p1", "p3", "p0"]  # |Δ clipscore| 0.7, 0.4, 0.1 (0.0 for p2 cut by max_images 6 = 3 blocks)
+    assert "|Δ clipscore| 0.7" in grid and "Showing 3 of 4 paired" in grid
+    assert "p1 &lt;script&gt;" in grid and "<script>" not in page
+    assert "Samples: sample_" not in page  # both folders are in the paired grid, not also alone
+    for folder in ("sample_dpo", "sample_base"):  # without scores: ordered by pixel difference
+        rows = [json.loads(x) for x in (root / folder / "samples.jsonl").read_text().splitlines()]
+        (root / folder / "samples.jsonl").write_text("".join(json.dumps({**r, "scores": {}}) + "\n" for r in rows))
+    _png(root / "sample_dpo" / "2.png", (255, 255, 255))  # p2 now differs most from the base's dark red
+    grid = build_report([root], max_images=2).split("<h3>sample_base vs sample_dpo</h3>")[1]
+    assert re.findall(r'<div class="cap">(p\d)', grid) == ["p2"] and "pixel difference" in grid
 
 
 # --- real headless Chromium ---------------------------------------------------------------------------------------
@@ -338,7 +452,7 @@ def test_report_in_headless_chromium(tmp_path):
     found = browser_check(out)
     assert found["console_errors"] == [] and found["page_errors"] == [] and found["requests"] == []
     assert len(found["images"]) == 12 and all(i["complete"] and i["width"] > 0 for i in found["images"])
-    assert len(found["charts"]) == 6 and all(w > 0 and h > 0 for w, h in found["charts"])
+    assert len(found["charts"]) == 3 + 3 and all(w > 0 and h > 0 for w, h in found["charts"])  # curves, forests
     assert len(found["lines"]) >= 6 and all(v > 0 for v in found["lines"])
     assert EVIL in found["text"]  # user text shown as text, not run as markup
 

@@ -1,14 +1,18 @@
 """`mmalign report RUN_DIR...`: find what run directories hold and write one self-contained HTML page.
 
 Recognised (searched up to 4 levels deep; checkpoints, caches, model exports and image folders are not entered):
-- ``metrics.jsonl`` (core/trainer.py: one JSON object per logged step) -> metric curves;
+- ``metrics.jsonl`` (core/trainer.py: one JSON object per logged step) -> metric curves, one chart per metric and
+  run family (the ``method:`` prefix in the ``config.yaml`` beside it: diffusion, mllm, video), so losses of
+  different model kinds never share an axis;
 - results files (evals/results.write_results), read by the kind each names (mmalign.kind; lmms-eval's own
   output files, the same layout, count as evaluations; other JSON is not read): the diffusion demo's
   (demo.diffusion.run_demo: base / aligned accuracy, gains, win rates) with its
   ``base/samples.jsonl`` and ``<method>/eval/samples.jsonl`` -> tables and before/after grids paired by
   (prompt, seed); the vision-language demo's (demo.mllm.run_mllm_demo) -> per-capability tables, POPE; any
   other kind (evaluators, the video demo) -> one table per task;
-- any other ``samples.jsonl`` (``mmalign sample``, video GIFs) -> an image grid.
+- any other ``samples.jsonl`` (``mmalign sample``, video GIFs) -> paired grids with every other such folder
+  sharing its (prompt, seed) pairs, else an image grid.
+Training logs and sample folders are named by their folder relative to the folders' common root.
 A directory with none of these, or a recognised file that does not parse, is a DataError naming it.
 Images are read only from inside the run directory: a sample whose image resolves (symlinks followed) outside it
 is not opened, and the page counts it as skipped, "outside the run".
@@ -64,6 +68,10 @@ class TrainingLog:
     name: str
     path: Path
     records: list[dict]
+    family: str = "other"  # diffusion / mllm / video, from config.yaml's method; charts never mix families
+
+
+FAMILIES = ("diffusion", "mllm", "video")
 
 
 @dataclass
@@ -108,7 +116,48 @@ def read_metrics_log(path: Path, name: str) -> TrainingLog:
     for i, r in enumerate(records, 1):
         if not isinstance(r.get("step"), int) or isinstance(r.get("step"), bool):
             raise DataError(f"{path}: record {i} has no integer 'step' (keys: {sorted(r)})")
-    return TrainingLog(name, Path(path), records)
+    return TrainingLog(name, Path(path), records, run_family(Path(path).parent))
+
+
+def run_family(folder: Path) -> str:
+    """The family of the method in `folder`/config.yaml (the prefix of `method:`, e.g. diffusion_dpo ->
+    diffusion; a method outside FAMILIES is its own family); "other" without a readable config."""
+    import yaml
+
+    try:
+        method = yaml.safe_load((folder / "config.yaml").read_text()).get("method")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+        return "other"
+    if not isinstance(method, str):
+        return "other"
+    prefix = method.split("_", 1)[0]
+    return prefix if prefix in FAMILIES else method
+
+
+def folder_labels(folders: list[Path]) -> list[str]:
+    """Each folder named by its path relative to all folders' common root (a folder that is that root: its own
+    name); repeated names get " (2)", " (3)"..."""
+    if not folders:
+        return []
+    absolute = [Path(os.path.abspath(f)) for f in folders]
+    common = Path(os.path.commonpath(absolute))
+    labels, seen = [], {}
+    for f in absolute:
+        rel = f.relative_to(common).as_posix()
+        label = f.name if rel == "." else rel
+        seen[label] = seen.get(label, 0) + 1
+        labels.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
+    return labels
+
+
+def label_runs(runs: list["Run"]) -> None:
+    """Name every training log and plain sample folder of `runs` by folder_labels (demo samples keep theirs)."""
+    logs = [log for run in runs for log in run.logs]
+    for log, label in zip(logs, folder_labels([log.path.parent for log in logs])):
+        log.name = label
+    sets = [st for run in runs for st in run.sample_sets]
+    for st, label in zip(sets, folder_labels([st.path.parent for st in sets])):
+        st.label = label
 
 
 def read_samples(path: Path, label: str, root: Path) -> SampleSet:
@@ -257,32 +306,34 @@ def discover(root) -> Run:
     for d, files in _walk(root):
         rel = d.relative_to(root).as_posix()
         if "metrics.jsonl" in files:
-            run.logs.append(read_metrics_log(d / "metrics.jsonl", "(top level)" if rel == "." else rel))
+            run.logs.append(read_metrics_log(d / "metrics.jsonl", rel))
         for f in (x for x in files if x.endswith(".json")):
             owned |= set(_read_results_file(run, d / f, read_json(d / f)))
     for d, files in _walk(root):
         if "samples.jsonl" in files and d / "samples.jsonl" not in owned:
-            rel = d.relative_to(root).as_posix()
-            label = "(top level)" if rel == "." else rel
-            run.sample_sets.append(read_samples(d / "samples.jsonl", label, root))
+            run.sample_sets.append(read_samples(d / "samples.jsonl", d.relative_to(root).as_posix(), root))
     if run.empty():
         raise DataError(f"{root}: nothing to report (no metrics.jsonl, demo results.json, evaluation results "
                         f"file or samples.jsonl within {MAX_DEPTH} levels)")
+    label_runs([run])
     return run
 
 
-def build_report(run_dirs, smooth: float = 0.0, max_images: int = 64) -> str:
-    """The HTML page for one or more run directories."""
+def build_report(run_dirs, smooth: float | None = None, max_images: int = 64) -> str:
+    """The HTML page for one or more run directories. `smooth`: the curves' EMA weight; None: AUTO_SMOOTH for
+    curves with many points (svg_chart.SMOOTH_FROM), none for short ones."""
     from .report_html import render_page
 
     if not run_dirs:
         raise ValueError("give at least one run directory")
-    if not 0 <= smooth < 1:
+    if smooth is not None and not 0 <= smooth < 1:
         raise ValueError(f"smoothing weight must lie in [0, 1), got {smooth}")
-    return render_page([discover(r) for r in run_dirs], smooth=smooth, max_images=max_images)
+    runs = [discover(r) for r in run_dirs]
+    label_runs(runs)
+    return render_page(runs, smooth=smooth, max_images=max_images)
 
 
-def write_report(run_dirs, out=None, smooth: float = 0.0, max_images: int = 64) -> Path:
+def write_report(run_dirs, out=None, smooth: float | None = None, max_images: int = 64) -> Path:
     out = Path(out) if out else Path(run_dirs[0]) / "report.html"
     page = build_report(run_dirs, smooth, max_images)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -305,6 +356,7 @@ def register(sub) -> None:
                                    "resources) from training logs, demo results, evaluation results and samples.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", help="output file (default: <first RUN_DIR>/report.html)")
-    p.add_argument("--smooth", type=float, default=0.0, help="EMA smoothing weight for curves, in [0, 1)")
+    p.add_argument("--smooth", type=float, default=None,
+                   help="EMA smoothing weight for curves, in [0, 1) (default: 0.6 for curves of 20 or more points)")
     p.add_argument("--max-images", type=int, default=64, help="most images embedded per grid")
     p.set_defaults(fn=cmd_report)

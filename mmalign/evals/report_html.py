@@ -1,18 +1,20 @@
-"""HTML for `mmalign report`: tables, embedded images (base64 data URIs) and SVG charts, all text escaped.
+"""HTML for `mmalign report`: the page (headline results first: results tables and forest plots; then sample
+grids; then training curves), tables, embedded images (base64 data URIs) and SVG charts, all text escaped.
 The page has no scripts and a Content-Security-Policy that forbids every resource but inline data."""
 from __future__ import annotations
 
 import json
-import math
 import time
 from html import escape
 from pathlib import Path
 
-from .report import SMALL_IMAGE, Run, Sample, SampleSet, guarded, image_uri, pair_by_prompt_seed
-from .svg_chart import PALETTE, line_chart
+from .report import Run, folder_labels, guarded
+from .report_charts import collect_forest, training_section
+from .report_grids import compare_grid, sample_folder_grids, sample_grid
 
 CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
-h1{font-size:22px}h2{border-bottom:2px solid #ccc;margin-top:36px}h3{margin-top:24px}
+h1{font-size:22px}h2{border-bottom:2px solid #ccc;margin-top:36px}h3{margin-top:24px}h4{margin:18px 0 6px}
+h5{font-size:13px;margin:12px 0 4px}svg.chart text.val{font-size:10px}svg.forest{display:block;margin:6px 0 14px}
 table{border-collapse:collapse;margin:8px 0 16px}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left}td.sig{font-weight:bold}.note{color:#666;font-size:12px}
 .warn{background:#fff3cd;border:1px solid #e0c36c;padding:6px 10px}.charts{display:flex;flex-wrap:wrap;gap:12px}
@@ -57,94 +59,11 @@ def with_ci(v: float, ci, scale: float = 100.0, signed: bool = False) -> Markup:
     return Markup(f"<b>{escape(text)}</b>" if sig else escape(text))
 
 
-def img_tag(path: Path, alt: str) -> Markup:
-    uri, side = image_uri(path)
-    cls = "t px" if side <= SMALL_IMAGE else "t"
-    return Markup(f'<img class="{cls}" src="{uri}" alt="{escape(alt)}" title="{escape(alt)}">')
-
-
-def _scores(scores: dict) -> tuple[str, str]:
-    """(visible, tooltip): the 'correct' score alone when present (ShapeWorld's overall verdict), else all."""
-    full = " · ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in scores.items())
-    shown = f"correct {scores['correct']:g}" if isinstance(scores.get("correct"), (int, float)) else full
-    return shown, full
-
-
-def _figure(smp: Sample, alt: str, label: str) -> str:
-    shown, full = _scores(smp.scores)
-    pic = img_tag(smp.file, alt) if smp.skipped is None else f'<div class="skip">skipped: {escape(smp.skipped)}</div>'
-    return (f'<figure title="{escape(full)}">{pic}<figcaption>{escape(label)}'
-            f'{"<br>" + escape(shown) if shown else ""}</figcaption></figure>')
-
-
-def skip_note(sets: list[SampleSet]) -> str:
-    """A warning counting, per sample file, the images not shown and why (empty when none was skipped)."""
-    counts = [(st.label, st.skips()) for st in sets]
-    parts = [f"{label}: " + ", ".join(f"{n} {reason}" for reason, n in skips.items()) for label, skips in counts
-             if skips]
-    if not parts:
-        return ""
-    return (f'<p class="warn">Images skipped (never read): {escape("; ".join(parts))}. Only files inside the run '
-            f"directory are embedded.</p>")
-
-
-def compare_grid(sets: list[SampleSet], max_images: int) -> Markup:
-    """One block per (prompt, seed) present in every set: the set's images side by side (before, then after)."""
-    keys, warnings = pair_by_prompt_seed(sets)
-    n_blocks = min(len(keys), max(1, max_images // len(sets)))
-    lookup = [{(s.prompt, s.seed): s for s in st.samples} for st in sets]
-    blocks = []
-    for prompt, seed in keys[:n_blocks]:
-        figs = "".join(_figure(d[(prompt, seed)], f"{st.label}: {prompt} (seed {seed})", st.label)
-                       for st, d in zip(sets, lookup))
-        blocks.append(f'<div class="pair"><div class="cap">{escape(prompt)} <span class=note>seed {seed}</span>'
-                      f"</div>{figs}</div>")
-    note = (f"<p class=note>Same prompts and seeds in every block ({' | '.join(escape(s.label) for s in sets)}). "
-            f"Showing {n_blocks} of {len(keys)} paired (prompt, seed) blocks ({n_blocks * len(sets)} images; at most "
-            f"{max_images} images per grid).</p>")
-    warn = "".join(f'<p class="warn">{escape(w)}</p>' for w in warnings) + skip_note(sets)
-    return Markup(warn + note + '<div class="blocks">' + "".join(blocks) + "</div>")
-
-
-def sample_grid(st: SampleSet, max_images: int) -> Markup:
-    shown = st.samples[:max_images]
-    figs = [_figure(s, s.prompt, s.prompt + ("" if s.seed is None else f" (seed {s.seed})")) for s in shown]
-    note = (f"<p class=note>Showing {len(shown)} of {len(st.samples)} samples from {escape(str(st.path))} "
-            f"(at most {max_images} images per grid).</p>")
-    return Markup(skip_note([st]) + note + '<div class="blocks">' + "".join(figs) + "</div>")
-
-
-def training_html(run: Run, smooth: float, headline: dict) -> Markup:
-    keys = []
-    for log in run.logs:
-        for r in log.records:
-            keys += [k for k, v in r.items() if k not in ("step", "elapsed_s") and k not in keys
-                     and isinstance(v, (int, float)) and not isinstance(v, bool)]
-    charts, colours = [], {log.name: PALETTE[i % len(PALETTE)] for i, log in enumerate(run.logs)}
-    for key in keys:
-        series = {log.name: [(r["step"], float(r[key])) for r in log.records if isinstance(r.get(key), (int, float))]
-                  for log in run.logs}
-        series = {n: pts for n, pts in series.items() if pts}
-        if any(math.isfinite(y) for pts in series.values() for _, y in pts):
-            charts.append(line_chart(series, key, smooth=smooth, colours=colours))
-    rows = []
-    for log in run.logs:
-        last = log.records[-1] if log.records else {}
-        rows.append([log.name, len(log.records), last.get("step", "–"),
-                     f"{last['loss']:.4g}" if isinstance(last.get("loss"), (int, float)) else "–",
-                     last.get("elapsed_s", "–")])
-        if isinstance(last.get("loss"), (int, float)):
-            headline[f"final training loss [{log.name}]"] = f"{last['loss']:.4g}"
-    note = html_fmt("<p class=note>EMA smoothing {} (raw curves faint).</p>", smooth) if smooth else ""
-    return Markup("<h3>Training curves</h3>" + table(["log", "records", "last step", "final loss", "elapsed s"], rows)
-                  + note + '<div class="charts">' + "".join(charts) + "</div>")
-
-
-def diffusion_html(path: Path, doc: dict, sets: list[SampleSet], max_images: int, headline: dict) -> Markup:
+def diffusion_html(path: Path, doc: dict, headline: dict) -> Markup:
     """`doc`: the demo's results as unpack_diffusion_demo gives them."""
     base, aligned = doc["base"]["accuracy"], doc["aligned"]
     sp = doc["sampler"]
-    out = [html_fmt("<h3>Diffusion demo: {}</h3><p>Base {}; {} held-out prompts (prompt seed {}, sample seeds "
+    out = [html_fmt("<h4>Diffusion demo: {}</h4><p>Base {}; {} held-out prompts (prompt seed {}, sample seeds "
                     "{}–{}); {}, {} steps, guidance {}.</p>", path, doc["model"], doc["n_prompts"], doc["prompt_seed"],
                     doc["sample_seeds"][0], doc["sample_seeds"][1], sp["scheduler"], sp["steps"], sp["guidance"])]
     if "pairs" in doc:
@@ -159,11 +78,11 @@ def diffusion_html(path: Path, doc: dict, sets: list[SampleSet], max_images: int
         for m, acc in models.items():
             if attr in acc:
                 headline[f"diffusion {attr} accuracy % ({m})"] = pct(acc[attr]["mean"])
-    out.append("<h4>Attribute accuracy, % [95 % CI]</h4>" + table(["attribute", *models, "n"], rows))
+    out.append("<h5>Attribute accuracy, % [95 % CI]</h5>" + table(["attribute", *models, "n"], rows))
     if aligned:
         rows = [[attr, *(with_ci(r["gain"][attr]["gain"], r["gain"][attr]["ci95"], signed=True)
                          if attr in r["gain"] else "–" for r in aligned.values())] for attr in base]
-        out.append("<h4>Paired gain vs base, points [95 % CI] (bold: CI excludes 0)</h4>"
+        out.append("<h5>Paired gain vs base, points [95 % CI] (bold: CI excludes 0)</h5>"
                    + table(["attribute", *aligned], rows))
         rows = []
         for m, r in aligned.items():
@@ -171,20 +90,15 @@ def diffusion_html(path: Path, doc: dict, sets: list[SampleSet], max_images: int
             rows.append([m, with_ci(wr["win_rate"], wr["ci95"]), f"{wr['wins']} / {wr['ties']} / {wr['losses']}",
                          wr["n"], r.get("guidance", "–"), r.get("train_seconds", "–")])
             headline[f"diffusion win rate vs base % ({m})"] = pct(wr["win_rate"])
-        out.append("<h4>Win rate vs base on the same prompts and seeds, % [95 % CI]</h4>"
+        out.append("<h5>Win rate vs base on the same prompts and seeds, % [95 % CI]</h5>"
                    + table(["method", "win rate", "W / T / L", "n", "guidance", "train s"], rows))
-    if sets:
-        out.append("<h4>Before / after samples</h4>" + (compare_grid(sets, max_images) if len(sets) > 1
-                                                          else sample_grid(sets[0], max_images)))
-    else:
-        out.append("<p class=note>No sample files found beside this results file.</p>")
     return Markup("".join(out))
 
 
 def mllm_html(path: Path, doc: dict, headline: dict) -> Markup:
     """`doc`: the demo's results as unpack_mllm_demo gives them."""
     c, base, al = doc["comparison"], doc["base"], doc["aligned"]
-    out = [html_fmt("<h3>Vision-language demo: {}</h3><p>Base {}; {} held-out questions; DPO on {} on-policy answer "
+    out = [html_fmt("<h4>Vision-language demo: {}</h4><p>Base {}; {} held-out questions; DPO on {} on-policy answer "
                     "pairs.</p>", path, doc["model"], doc["n_questions"], doc["pairs"]["n_pairs"])]
     rows = []
     for cap, r in [*c["table"].items(), ("overall", c["overall"])]:
@@ -192,20 +106,21 @@ def mllm_html(path: Path, doc: dict, headline: dict) -> Markup:
         headline[f"VQA {cap} score (base)"] = f"{r['before']:.1f}"
         headline[f"VQA {cap} score (aligned)"] = f"{r['after']:.1f}"
     rows.append(["macro (mean over capabilities)", f"{base['macro']:.1f}", f"{al['macro']:.1f}", "", ""])
-    out.append("<h4>Per-capability score (mean grade × 100), paired gain [95 % CI]</h4>"
+    out.append("<h5>Per-capability score (mean grade × 100), paired gain [95 % CI]</h5>"
                + table(["capability", "base", "aligned", "gain", "n"], rows))
     keys = ["accuracy", "precision", "recall", "f1", "yes_ratio"]
     rows = [[k, pct(base["pope"][k]), pct(al["pope"][k])] for k in keys]
     rows += [[k, base["pope"][k], al["pope"][k]] for k in ("unparsed", "n")]
-    out.append("<h4>POPE (existence questions), %</h4>" + table(["metric", "base", "aligned"], rows))
+    out.append("<h5>POPE (existence questions), %</h5>" + table(["metric", "base", "aligned"], rows))
     return Markup("".join(out))
 
 
 def _ci_for(extra: dict, metric: str, n_metrics: int):
-    """A metric's CI from the results file's mmalign.extra[task]: extra["ci95"][metric], extra[metric]["ci95"],
-    or extra["ci95"] as [lo, hi] when the task has a single metric."""
+    """A metric's CI from the results file's mmalign.extra[task]: extra["ci95"][metric], extra["<metric>_ci95"]
+    (`eval compare`: win_rate_ci95, mean_diff_ci95), extra[metric]["ci95"], or extra["ci95"] as [lo, hi] when
+    the task has a single metric."""
     ci = extra.get("ci95")
-    for cand in (ci.get(metric) if isinstance(ci, dict) else None,
+    for cand in (ci.get(metric) if isinstance(ci, dict) else None, extra.get(f"{metric}_ci95"),
                  extra.get(metric, {}).get("ci95") if isinstance(extra.get(metric), dict) else None,
                  ci if isinstance(ci, list) and n_metrics == 1 else None):
         if isinstance(cand, list) and len(cand) == 2:
@@ -227,7 +142,7 @@ def eval_html(path: Path, loaded: dict, headline: dict) -> Markup:
     date = doc.get("date")
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(date)) if isinstance(date, (int, float)) else "?"
     cfg = doc.get("config", {})
-    out = [html_fmt("<h3>Evaluation results: {}</h3><p>Model {} {}; written {}.</p>", path, cfg.get("model", "?"),
+    out = [html_fmt("<h4>Evaluation results: {}</h4><p>Model {} {}; written {}.</p>", path, cfg.get("model", "?"),
                     json.dumps(cfg.get("model_args", {}), default=str), when)]
     for task, metrics in loaded["tasks"].items():
         extra = mm.get("extra", {}).get(task, {})
@@ -242,10 +157,11 @@ def eval_html(path: Path, loaded: dict, headline: dict) -> Markup:
             if isinstance(v, (int, float)):
                 headline[f"{task} {m}"] = f"{v:.4g}"
         ns = doc.get("n-samples", {}).get(task, {})
-        out.append(html_fmt("<h4>{}</h4><p class=note>samples: {} (effective {}); version {}</p>", task,
+        out.append(html_fmt("<h5>{}</h5><p class=note>samples: {} (effective {}); version {}</p>", task,
                             ns.get("original", "?"), ns.get("effective", "?"), doc.get("versions", {}).get(task, "?"))
                    + table(["metric", "value", "stderr", "95 % CI", "better"], rows))
-        rest = {k: v for k, v in extra.items() if k != "ci95" and k not in metrics}
+        rest = {k: v for k, v in extra.items()
+                if k != "ci95" and k not in metrics and k.removesuffix("_ci95") not in metrics}
         flat = {k: v for k, v in rest.items() if not isinstance(v, dict)}
         if flat:
             out.append("<p class=note>Further results (mmalign.extra):</p>" + data_table(flat))
@@ -255,50 +171,76 @@ def eval_html(path: Path, loaded: dict, headline: dict) -> Markup:
         if doc.get("configs", {}).get(task):
             out.append("<p class=note>Task settings:</p>" + data_table(doc["configs"][task]))
     if mm.get("provenance"):
-        out.append("<h4>Provenance</h4>" + data_table(mm["provenance"]))
+        out.append("<h5>Provenance</h5>" + data_table(mm["provenance"]))
     return Markup("".join(out))
 
 
-def render_run(run: Run, smooth: float, max_images: int) -> tuple[Markup, dict]:
-    """One run's section and its headline metrics {label: formatted value} for the side-by-side table."""
-    headline, parts = {}, []
-    if run.logs:
-        with guarded(run.logs[0].path):
-            parts.append(training_html(run, smooth, headline))
-    for path, doc, sets in run.diffusion:
+def results_html(run: Run, headline: dict) -> Markup:
+    """One run's results tables; fills `headline` {label: formatted value} for the side-by-side table."""
+    parts = []
+    for path, doc, _ in run.diffusion:
         with guarded(path):
-            parts.append(diffusion_html(path, doc, sets, max_images, headline))
+            parts.append(diffusion_html(path, doc, headline))
     for path, doc in run.mllm:
         with guarded(path):
             parts.append(mllm_html(path, doc, headline))
     for path, loaded in run.evals:
         with guarded(path):
             parts.append(eval_html(path, loaded, headline))
-    for st in run.sample_sets:
-        parts.append(Markup(f"<h3>Samples: {escape(str(st.path))}</h3>") + sample_grid(st, max_images))
-    return Markup("".join(parts)), headline
+    return Markup("".join(parts))
 
 
-def render_page(runs: list[Run], smooth: float = 0.0, max_images: int = 64) -> str:
+def samples_html(runs: list[Run], max_images: int) -> str:
+    """The demos' before/after grids, then the plain sample folders of all runs, paired where they can be."""
+    parts = []
+    for run in runs:
+        for path, _, sets in run.diffusion:
+            head = f"<h3>Before / after: {escape(str(path))}</h3>"
+            if not sets:
+                parts.append(head + "<p class=note>No sample files found beside this results file.</p>")
+                continue
+            with guarded(path):
+                parts.append(head + (compare_grid(sets, max_images) if len(sets) > 1
+                                     else sample_grid(sets[0], max_images)))
+    parts.append(sample_folder_grids([st for run in runs for st in run.sample_sets], max_images))
+    return "".join(parts)
+
+
+def side_by_side(runs: list[Run], headlines: list[dict], labels: list[str]) -> str:
+    """Metrics found in more than one run, one column per run."""
+    keys = [k for k in dict.fromkeys(k for h in headlines for k in h) if sum(k in h for h in headlines) > 1]
+    if len(runs) < 2 or not keys:
+        return ""
+    return ("<h3>Side by side</h3><p class=note>Metrics found in more than one run.</p>"
+            + table(["metric", *(f"{i + 1}. {name}" for i, name in enumerate(labels))],
+                    [[k, *(h.get(k, "–") for h in headlines)] for k in keys]))
+
+
+def render_page(runs: list[Run], smooth: float | None = None, max_images: int = 64) -> str:
     if max_images < 1:
         raise ValueError(f"max_images must be at least 1, got {max_images}")
-    sections, headlines = [], []
-    for i, run in enumerate(runs):
-        body, headline = render_run(run, smooth, max_images)
-        sections.append(f'<section id="run{i}"><h2>{escape(str(run.root))}</h2>{body}</section>')
+    labels = folder_labels([r.root for r in runs])
+    headlines, results = [], []
+    for i, (run, name) in enumerate(zip(runs, labels)):
+        headline = {}
+        body = results_html(run, headline)
+        if body:
+            results.append(f'<section id="run{i}"><h3>{escape(name)} <span class=note>{escape(str(run.root))}'
+                           f"</span></h3>{body}</section>")
         headlines.append(headline)
-    side = ""
-    if len(runs) > 1:
-        labels = [k for k in dict.fromkeys(k for h in headlines for k in h) if sum(k in h for h in headlines) > 1]
-        if labels:
-            side = ("<h2>Side by side</h2><p class=note>Metrics found in more than one run.</p>"
-                    + table(["metric", *(f"{i + 1}. {r.root.name}" for i, r in enumerate(runs))],
-                            [[k, *(h.get(k, "–") for h in headlines)] for k in labels]))
-    toc = "".join(f'<li><a href="#run{i}">{escape(str(r.root))}</a></li>' for i, r in enumerate(runs))
+    forest = collect_forest(runs, labels).html()
+    samples = samples_html(runs, max_images)
+    training = training_section(runs, smooth)
+    sections = [("headline", "Headline results", (f"<h3>Gains and win rates with 95 % CIs</h3>{forest}" if forest
+                                                  else "") + side_by_side(runs, headlines, labels) + "".join(results)),
+                ("samples", "Samples", samples), ("training", "Training curves", training)]
+    sections = [(sid, title, body) for sid, title, body in sections if body]
+    toc = "".join(f'<li><a href="#{sid}">{title}</a></li>' for sid, title, _ in sections)
+    body = "".join(f'<h2 id="{sid}">{title}</h2>{html}' for sid, title, html in sections)
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             '<link rel="icon" href="data:,"><title>mmalign report</title>'
             f"<style>{CSS}</style></head><body><h1>mmalign report</h1>"
-            f"<p class=note>Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
-            f"Self-contained: charts are inline SVG, images are embedded.</p><ul>{toc}</ul>"
-            f"{side}{''.join(sections)}</body></html>\n")
+            f"<p class=note>{escape(', '.join(str(r.root) for r in runs))}. Written "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Self-contained: charts are inline SVG, images "
+            f"are embedded.</p><ul>{toc}</ul>{body}</body></html>\n")
