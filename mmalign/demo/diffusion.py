@@ -60,7 +60,8 @@ def evaluate(pipe, prompts, seeds, out: Path, s: DemoSettings, guidance: float |
     from ..diffusion.sampling import sample_images, save_samples, score_samples
 
     t0 = time.time()
-    images = sample_images(pipe, prompts, seeds, steps=s.steps, guidance=s.guidance if guidance is None else guidance)
+    images = sample_images(pipe, prompts, seeds, steps=s.steps, guidance=s.guidance if guidance is None else guidance,
+                           desc=f"held-out samples ({Path(out).name})")
     scored = score_samples(images, prompts)
     save_samples(out, images, prompts, seeds, scored["per_sample"])
     scored["seconds"] = round(time.time() - t0, 1)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..datasets.pairs import write_pairs_jsonl
 from ..datasets.records import SkipReport
@@ -67,8 +68,9 @@ def make_onpolicy_pairs(pipe, prompts: list[str], per_prompt: int, out_dir: str 
     t0 = time.time()
     flat = [p for p in prompts for _ in range(per_prompt)]
     seeds = [seed + k for k in range(len(flat))]
-    images = sample_images(pipe, flat, seeds, steps=steps, guidance=guidance, batch_size=batch_size)
-    scores = [scorer(im, p) for im, p in zip(images, flat)]
+    images = sample_images(pipe, flat, seeds, steps=steps, guidance=guidance, batch_size=batch_size,
+                           desc="on-policy samples")
+    scores = [scorer(im, p) for im, p in tqdm(list(zip(images, flat)), desc="score samples", unit="img")]
     report, rows = SkipReport(total=len(prompts)), []
     for i, prompt in enumerate(prompts):
         k = slice(i * per_prompt, (i + 1) * per_prompt)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..datasets.pairs import load_pair_images, read_pairs, referenced_files
 from ..datasets.records import SkipReport
@@ -113,7 +114,7 @@ def _encode(parts, data_path, resolution, flips, ties, bad_rows, device, encode_
         pending.clear()
 
     kept = 0
-    for rec in records:  # decode everything now: a bad image is a counted skip, never a crash mid-epoch
+    for rec in tqdm(records, desc="encode pairs", unit="pair"):  # decode all now: a bad image is a counted skip
         images = load_pair_images(rec, report, bad_rows)
         if images is None:
             continue

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..core.stats import bootstrap_ci
 from ..datasets.shapeworld import score_image
@@ -14,17 +15,21 @@ from ..datasets.shapeworld import score_image
 
 @torch.no_grad()
 def sample_images(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 4.0,
-                  batch_size: int = 64, resolution: int | None = None) -> list[Image.Image]:
+                  batch_size: int = 64, resolution: int | None = None, desc: str = "sample") -> list[Image.Image]:
+    """One image per (prompt, seed), in batches, with a progress bar over images (diffusers' per-step bar is off:
+    one bar per batch would scroll)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     res = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     pipe.set_progress_bar_config(disable=True)
     images: list[Image.Image] = []
-    for i in range(0, len(prompts), batch_size):
-        gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
-        out = pipe(prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
-                   height=res, width=res, generator=gens, output_type="pil")
-        images.extend(out.images)
+    with tqdm(total=len(prompts), desc=desc, unit="img") as bar:
+        for i in range(0, len(prompts), batch_size):
+            gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
+            out = pipe(prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
+                       height=res, width=res, generator=gens, output_type="pil")
+            images.extend(out.images)
+            bar.update(len(out.images))
     return images
 
 

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 from accelerate.utils import send_to_device
+from tqdm.auto import tqdm
 
 from ..core.config import ConfigError, bounded, not_identity
 from ..core.reference import make_reference
@@ -97,7 +98,7 @@ class MLLMDPO:
         enc = Encoder(self.processor, self.model_config, d.max_length or None, d.bad_rows, report)
         o = self.cfg.objective
         crop = (0, o.crop_min, o.crop_max) if self.crops else None
-        rows = [r for i, rec in enumerate(records)
+        rows = [r for i, rec in enumerate(tqdm(records, desc="encode pairs", unit="pair"))
                 if (r := enc.pair(i, rec, load_images(rec), crop)) is not None]
         dataset = finish_dataset(rows, report, "pairs", d.path)
         self.pad_id = pad_id_of(self.processor)

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from ..datasets.cache import fingerprint
 
@@ -33,6 +34,7 @@ def cached_reference_logps(root: str, key: dict, rows: list, compute: Callable[[
     out: dict[int, torch.Tensor] = {}
     n_parts = (len(rows) + PART_ROWS - 1) // PART_ROWS
     computed = 0
+    bar = tqdm(total=len(rows), desc="reference log-probs", unit="row")
     for p in range(n_parts):
         part_rows = rows[p * PART_ROWS:(p + 1) * PART_ROWS]
         path = entry / f"part{p:05d}.safetensors"
@@ -42,15 +44,20 @@ def cached_reference_logps(root: str, key: dict, rows: list, compute: Callable[[
                 t = load_file(str(path))
                 if torch.equal(t["index"], ids):
                     out.update(zip(ids.tolist(), t["logps"]))
+                    bar.update(len(part_rows))
                     continue
             except Exception:  # a damaged part is recomputed
                 pass
-        logps = torch.cat([compute(part_rows[b:b + batch_size]).float().cpu()
-                           for b in range(0, len(part_rows), batch_size)])
+        chunks = []
+        for b in range(0, len(part_rows), batch_size):
+            chunks.append(compute(part_rows[b:b + batch_size]).float().cpu())
+            bar.update(len(chunks[-1]))
+        logps = torch.cat(chunks)
         tmp = path.with_suffix(".tmp")
         save_file({"index": ids, "logps": logps.contiguous()}, str(tmp))
         os.replace(tmp, path)
         out.update(zip(ids.tolist(), logps))
         computed += len(part_rows)
+    bar.close()
     log(f"reference log-probs: {len(rows) - computed} rows from {entry}, {computed} computed")
     return out

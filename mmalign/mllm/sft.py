@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from tqdm.auto import tqdm
 
 from ..core.config import ConfigError, bounded
 from ..datasets.records import SkipReport
@@ -79,7 +80,7 @@ class MLLMSFT:
         records, report = read_vl_conversations(d.path, bad_rows=d.bad_rows, image_root=d.image_root or None)
         enc = Encoder(self.processor, self.model_config, d.max_length or None, d.bad_rows, report)
         rows = []
-        for i, rec in enumerate(records):
+        for i, rec in enumerate(tqdm(records, desc="encode conversations", unit="row")):
             where = rec.where or f"conversation {i}"
             try:
                 msgs = self.messages(rec)

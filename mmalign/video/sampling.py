@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from diffusers import AnimateDiffPipeline, MotionAdapter, StableDiffusionPipeline, UNet2DConditionModel, UNetMotionModel
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .temporal import exportable, extract_adapter
 
@@ -85,10 +86,13 @@ def sample_videos(pipe: AnimateDiffPipeline, prompts: list[str], seeds: list[int
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     res = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     clips: list[list[Image.Image]] = []
-    for i in range(0, len(prompts), batch_size):
-        gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
-        out = pipe(prompts[i:i + batch_size], num_frames=num_frames, num_inference_steps=steps,
-                   guidance_scale=guidance, height=res, width=res, generator=gens, output_type="pil",
-                   decode_chunk_size=decode_chunk)
-        clips.extend(list(frames) for frames in out.frames)
+    pipe.set_progress_bar_config(disable=True)  # one bar over clips instead of one per batch
+    with tqdm(total=len(prompts), desc="sample videos", unit="clip") as bar:
+        for i in range(0, len(prompts), batch_size):
+            gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
+            out = pipe(prompts[i:i + batch_size], num_frames=num_frames, num_inference_steps=steps,
+                       guidance_scale=guidance, height=res, width=res, generator=gens, output_type="pil",
+                       decode_chunk_size=decode_chunk)
+            clips.extend(list(frames) for frames in out.frames)
+            bar.update(len(out.frames))
     return clips
