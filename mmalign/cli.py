@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
+import re
 import sys
+import textwrap
 from pathlib import Path
 
 
@@ -13,10 +17,38 @@ def cmd_train(a) -> None:
     from .core.trainer import train
 
     exp = load_recipe(a.config, a.overrides)
+    if a.show_config:
+        from .core.config_docs import describe_experiment
+
+        print(describe_experiment(exp, method_class(exp.method).config_class))
+        return
     check_paths(exp)  # before any model loads
+    check_rows_fit_batch(exp)
     method = method_class(exp.method)(exp.args, exp.output_dir)
     summary = train(exp, method)
     print(json.dumps(summary, default=str))
+
+
+def check_rows_fit_batch(exp) -> None:
+    """Refuse, before any model loads, a data source with fewer rows than one global batch (counted without
+    decoding; unknown counts, e.g. hub ids, are left to the trainer's own check)."""
+    from .core.config import ConfigError
+    from .datasets.row_count import count_rows
+
+    data = getattr(exp.args, "data", None)
+    path = getattr(data, "path", "")
+    rows = count_rows(path) if path else (getattr(data, "shapeworld_clips", 0) or None)
+    if rows is None:
+        return
+    if getattr(data, "random_flip", False):
+        rows *= 2  # image SFT trains both orientations as rows
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    t = exp.train
+    need = t.batch_size * t.grad_accum * world
+    if rows < need:
+        raise ConfigError(f"train.batch_size: {path or 'data.shapeworld_clips'} has at most {rows} rows, fewer than "
+                          f"one global batch (train.batch_size {t.batch_size} x train.grad_accum {t.grad_accum} x "
+                          f"{world} processes = {need}); lower train.batch_size or train.grad_accum")
 
 
 def cmd_list(a) -> None:
@@ -39,27 +71,6 @@ def cmd_data_shapeworld(a) -> None:
                          split=None if a.split == "all" else a.split, vqa_per_scene=a.vqa_per_scene,
                          videos=a.videos)
     print(json.dumps(info))
-
-
-def cmd_sample(a) -> None:
-    from diffusers import StableDiffusionPipeline
-
-    from .diffusion.sampling import sample_images, save_samples
-    from .evals.grid import image_grid
-
-    prompts = list(a.prompt or [])
-    if a.prompts_file:
-        prompts += [ln.strip() for ln in Path(a.prompts_file).read_text().splitlines() if ln.strip()]
-    if not prompts:
-        sys.exit("error: give prompts with --prompt or --prompts-file")
-    prompts = [p for p in prompts for _ in range(a.per_prompt)]
-    seeds = [a.seed + i for i in range(len(prompts))]
-    pipe = StableDiffusionPipeline.from_pretrained(a.model, safety_checker=None, requires_safety_checker=False)
-    images = sample_images(pipe, prompts, seeds, steps=a.steps, guidance=a.guidance)
-    out = Path(a.out)
-    save_samples(out, images, prompts, seeds)
-    image_grid(images[:64], prompts[:64]).save(out / "grid.png")
-    print(f"wrote {len(images)} images to {out}")
 
 
 def cmd_data_pairs(a) -> None:
@@ -140,18 +151,68 @@ def cmd_demo(a) -> None:
 SCORER_NAMES = ("exact_match", "shapeworld_vqa")  # mmalign.mllm.rejection.SCORERS, without importing torch
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default (unless None, a flag's, or already in its help) and keeps a description's
+    line breaks, wrapping only lines that are too long."""
+
+    def _shows_default(self, action) -> bool:
+        return (action.default not in (None, "", False, argparse.SUPPRESS) and action.nargs != 0
+                and (bool(action.option_strings) or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)))
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if not self._shows_default(action) or "%(default)" in text or "(default" in text.lower():
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+    def _format_action(self, action):
+        if not action.help and self._shows_default(action):  # no help text: still show the default
+            action = copy.copy(action)
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
+
+    def _fill_text(self, text, width, indent):
+        lines = []
+        for line in text.splitlines():
+            own = re.match(r"\s*", line).group()  # an indented line (a command) continues further in
+            lead = indent + own
+            lines.append(textwrap.fill(line.strip(), width, initial_indent=lead,
+                                       subsequent_indent=lead + ("    " if own else ""))
+                         if line.strip() else "")
+        return "\n".join(lines)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse.ArgumentParser with HelpFormatter; every nested verb inherits it (add_subparsers uses the class)."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
+TRAIN_DESCRIPTION = """Train a method from a YAML recipe.
+
+Methods and shipped recipes: mmalign list
+Override any key with dotted key=value pairs (values read as YAML):
+  mmalign train configs/x.yaml train.lr=5e-5 data.path=my_pairs.jsonl
+Every key of the recipe's method with its value, default, range and doc:
+  mmalign train --show-config configs/x.yaml [key=value ...]"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .assets import SHAPEWORLD_LLAVA, SHAPEWORLD_SD
 
-    ap = argparse.ArgumentParser(prog="mmalign", description="Preference alignment workbench for multimodal models.")
+    ap = Parser(prog="mmalign", description="Preference alignment workbench for multimodal models.")
     ap.add_argument("--debug", action="store_true",
                     help="show the Python traceback of a configuration, data or evaluation error")
     sub = ap.add_subparsers(dest="verb", required=True)
 
-    p = sub.add_parser("train", help="train a method from a YAML recipe",
-                       description="Train from a recipe: mmalign train configs/x.yaml train.lr=1e-5 ...")
-    p.add_argument("config", help="recipe YAML (see configs/)")
+    p = sub.add_parser("train", help="train a method from a YAML recipe (mmalign list: methods and recipes)",
+                       description=TRAIN_DESCRIPTION)
+    p.add_argument("config", help="recipe YAML (mmalign list shows the shipped ones under configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys (train.lr=1e-5)")
+    p.add_argument("--show-config", action="store_true",
+                   help="print every key of the recipe's method config (after the overrides) with its default, "
+                        "valid values and doc, and exit without training")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("list", help="list the training methods and the shipped recipes",
@@ -162,10 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = p.add_subparsers(dest="what", required=True)
     q = dsub.add_parser("shapeworld", help="write a ShapeWorld dataset (imagefolder + VQA + videos)",
                         description="Write a ShapeWorld dataset in the on-disk format user data uses.")
-    q.add_argument("--out", required=True)
+    q.add_argument("--out", required=True, help="output folder (metadata.jsonl + images)")
     q.add_argument("--n", type=int, required=True, help="number of scenes")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--resolution", type=int, default=32)
+    q.add_argument("--seed", type=int, default=0, help="scene seed")
+    q.add_argument("--resolution", type=int, default=32, help="image side in pixels")
     q.add_argument("--split", choices=["train", "heldout", "all"], default="train",
                    help="caption split (held-out captions never appear in 'train')")
     q.add_argument("--vqa-per-scene", type=int, default=0, help="VQA items per scene (0: none)")
@@ -175,67 +236,59 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("pairs", help="on-policy preference pairs: sample N per prompt, score, best vs worst",
                         description="Sample a pipeline N times per prompt with fixed seeds, score every sample, and "
                                     "write best-vs-worst pairs in the Pick-a-Pic format (jsonl + images).")
-    q.add_argument("--out", required=True)
+    q.add_argument("--out", required=True, help="output folder (metadata.jsonl + images/)")
     q.add_argument("--model", default=str(SHAPEWORLD_SD), help="pipeline directory or hub id")
     q.add_argument("--prompts-file", help="one prompt per line (default: ShapeWorld training-split captions)")
     q.add_argument("--n", type=int, default=256, help="ShapeWorld prompts when no --prompts-file")
-    q.add_argument("--per-prompt", type=int, default=4)
+    q.add_argument("--per-prompt", type=int, default=4, help="samples per prompt (the candidates of its pairs)")
     q.add_argument("--pairing", choices=["best_worst", "all"], default="best_worst",
                    help="one best-vs-worst pair per prompt, or every two samples whose scores differ")
     q.add_argument("--min-winner-score", type=float, default=None,
                    help="keep pairs whose winner scores at least this (shapeworld: 2.0 = fully correct)")
-    q.add_argument("--scorer", default="shapeworld")
+    q.add_argument("--scorer", default="shapeworld", help="scorer of the samples (mmalign.diffusion.onpolicy)")
     q.add_argument("--seed", type=int, default=0, help="prompt seed and first sample seed")
-    q.add_argument("--steps", type=int, default=15)
-    q.add_argument("--guidance", type=float, default=4.0)
+    q.add_argument("--steps", type=int, default=15, help="DDIM sampling steps")
+    q.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
     q.set_defaults(fn=cmd_data_pairs)
 
     q = dsub.add_parser("best-of-n", help="rejection sampling: N answers per prompt from a VLM, keep the best "
                         "(conversations for mllm_sft; repeat for RAFT)")
     q.add_argument("--model", required=True, help="model directory or hub id")
     q.add_argument("--prompts", required=True, help="conversations (jsonl / folder / parquet) ending in a reference answer")
-    q.add_argument("--out", required=True)
-    q.add_argument("--n", type=int, default=4)
-    q.add_argument("--scorer", choices=sorted(SCORER_NAMES), default="exact_match")
-    q.add_argument("--temperature", type=float, default=1.0)
-    q.add_argument("--max-new-tokens", type=int, default=32)
+    q.add_argument("--out", required=True, help="output folder (conversations jsonl + best_of_n.json)")
+    q.add_argument("--n", type=int, default=4, help="answers sampled per prompt")
+    q.add_argument("--scorer", choices=sorted(SCORER_NAMES), default="exact_match",
+                   help="how an answer is scored against the reference answer")
+    q.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    q.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens")
     q.add_argument("--min-score", type=float, default=None, help="leave out prompts whose best answer scores lower")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--bad-rows", choices=["skip", "error"], default="skip")
+    q.add_argument("--seed", type=int, default=0, help="sampling seed")
+    q.add_argument("--bad-rows", choices=["skip", "error"], default="skip",
+                   help="a bad prompt row: skip it (counted) or stop with an error")
     q.set_defaults(fn=cmd_data_best_of_n)
     __import__("mmalign.evals.cli_mllm", fromlist=["register_data"]).register_data(dsub)
 
-    p = sub.add_parser("sample", help="generate images for prompts with fixed seeds",
-                       description="Sample a StableDiffusionPipeline-format model with fixed seeds.")
-    p.add_argument("--model", default=str(SHAPEWORLD_SD), help="pipeline directory or hub id")
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", help="one prompt per line")
-    p.add_argument("--per-prompt", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--out", required=True)
-    p.set_defaults(fn=cmd_sample)
+    __import__("mmalign.cli_sample", fromlist=["register"]).register(sub)  # top-level `mmalign sample`
 
     p = sub.add_parser("demo", help="ShapeWorld demo: base -> on-policy pairs -> DPO -> held-out gains",
                        description="Sample the shipped ShapeWorld base on held-out captions, build on-policy pairs, "
                                    "train preference methods, and compare on the same prompts and seeds.")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--model", default=str(SHAPEWORLD_SD))
+    p.add_argument("--out", default="runs/demo", help="output folder (results.json, grid.png, runs, report.html)")
+    p.add_argument("--model", default=str(SHAPEWORLD_SD), help="the diffusion base: pipeline directory")
     p.add_argument("--methods", default="diffusion_dpo",
                    help="comma-separated pair methods (aliases such as inpo work), 'all' (the comparison table) "
                         "or 'none' (base only); each trains from configs/shapeworld_<method>.yaml")
     p.add_argument("--n", type=int, default=512, help="held-out prompts (one sample each)")
     p.add_argument("--steps", type=int, default=15, help="DDIM steps of the held-out samples")
-    p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--pair-prompts", type=int, default=256)
-    p.add_argument("--per-prompt", type=int, default=4)
-    p.add_argument("--train-steps", type=int, default=150)
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale of every sample")
+    p.add_argument("--pair-prompts", type=int, default=256, help="training prompts of the on-policy pairs")
+    p.add_argument("--per-prompt", type=int, default=4, help="samples per pair prompt (best vs worst)")
+    p.add_argument("--train-steps", type=int, default=150, help="optimizer steps of each method")
     p.add_argument("--parts", default="diffusion,mllm",
                    help="which parts to run, comma-separated: diffusion, mllm, video (video is opt-in: it adds "
                         "about 15 minutes on 2 CPU cores)")
-    p.add_argument("--mllm-model", default=str(SHAPEWORLD_LLAVA))
-    p.add_argument("--mllm-train-steps", type=int, default=300)
+    p.add_argument("--mllm-model", default=str(SHAPEWORLD_LLAVA), help="the MLLM part's base: model directory")
+    p.add_argument("--mllm-train-steps", type=int, default=300, help="optimizer steps of the MLLM part's DPO")
     p.add_argument("--no-evals", action="store_true",
                    help="skip the evaluator pass (CLIPScore comparisons, MM-Vet-style results) and report.html")
     p.set_defaults(fn=cmd_demo)
@@ -256,6 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     from .datasets.records import DataError
     from .evals.errors import EvalError
 
+    for stream in (sys.stdout, sys.stderr):  # status lines appear as they happen, also when redirected to a file
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     a = build_parser().parse_args(argv)
     try:
         a.fn(a)

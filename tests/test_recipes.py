@@ -34,14 +34,24 @@ def load(path: Path, overrides=()):
 
 
 def advertised_overrides(path: Path) -> list[list[str]]:
-    """Override lists from comment lines `# mmalign train configs/<this file> key=value ...`."""
+    """Override lists from comment lines `# mmalign train configs/<this file> key=value ...` (the `# Run:` line
+    too)."""
     found = []
     for line in path.read_text().splitlines():
-        m = re.match(r"#\s*mmalign train (\S+)((?:\s+\S+=\S+)+)\s*$", line)
+        m = re.match(r"#\s*(?:Run:\s*)?mmalign train (\S+)((?:\s+\S+=\S+)+)\s*$", line)
         if m:
             assert m.group(1) == f"configs/{path.name}", f"{path.name}: comment runs another recipe: {line}"
             found.append(m.group(2).split())
     return found
+
+
+def run_line(path: Path) -> list[str]:
+    """The overrides of the recipe's opening `# Run: mmalign train configs/<this file> [key=value ...]` line."""
+    first = path.read_text().splitlines()[0]
+    m = re.fullmatch(r"# Run: mmalign train (\S+)((?:\s+\S+=\S+)*)\s*", first)
+    assert m, f"{path.name}: the first line is not '# Run: mmalign train configs/{path.name} ...': {first}"
+    assert m.group(1) == f"configs/{path.name}"
+    return m.group(2).split()
 
 
 def test_grid_complete():
@@ -83,7 +93,8 @@ def test_grid_recipe(family, method):
     if method == "diffusion_cca":
         assert exp.train.batch_size >= 2, "CCA's negatives are the other rows of the micro-batch"
     if family != "shapeworld" and method != "diffusion_sft_winners":
-        assert advertised_overrides(path), "SD1.5/SDXL recipes show their LoRA overrides"
+        assert any("model.lora_rank=8" in o for o in advertised_overrides(path)), \
+            "SD1.5/SDXL recipes show their LoRA overrides"
 
 
 @pytest.mark.parametrize("path", recipes(), ids=lambda p: p.name)
@@ -117,3 +128,26 @@ def test_demo_runs_are_the_recipe_plus_placement_and_scale(stem):
     demo = _flat(resolved_dict(load_demo_recipe(stem, over)))
     assert {k for k in plain if plain[k] != demo[k]} == {*over, "train.resume"}
     assert {k: demo[k] for k in over} == over and demo["train.resume"] == "never"
+
+
+@pytest.mark.parametrize("path", recipes(), ids=lambda p: p.name)
+def test_recipe_opens_with_how_to_run_it(path):
+    """Line 1: one command that runs it (with the overrides a local run needs, which load), then what it expects."""
+    overrides = run_line(path)
+    assert path.read_text().splitlines()[1].startswith("# Expects: ")
+    exp = load(path, overrides)
+    method_class(exp.method)(exp.args, exp.output_dir)
+    if not path.stem.startswith("shapeworld_"):  # hub ids and 1024 px defaults: a local run names its own files
+        assert {"model.pretrained", "data.path"} <= {o.split("=")[0] for o in overrides}
+        local_batch = exp.train.batch_size * exp.train.grad_accum
+        assert local_batch <= 128, f"the Run line's global batch is {local_batch}"
+    assert "GPU" in path.read_text().split("\nmethod:")[0] or path.stem.startswith("shapeworld_")
+
+
+@pytest.mark.parametrize("path", recipes(), ids=lambda p: p.name)
+def test_no_recipe_starts_from_a_run_output(path):
+    """A model key never points at another run's output (it may not exist); the comments say how to chain runs."""
+    model = load(path).args.model
+    for key in ("pretrained", "motion_adapter"):
+        value = getattr(model, key, "") or ""
+        assert not value.startswith("runs/"), f"{path.name}: model.{key}: {value}"

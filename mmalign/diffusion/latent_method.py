@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.config import ConfigError
 from ..core.reference import make_reference
 from .lora import save_unet_lora
 from .pipeline import SDComponents, load_sd_components, pipeline_class
@@ -60,6 +61,23 @@ class LatentDiffusionMethod:
     def ref_forward(self, *args) -> torch.Tensor:
         return self.ref(lambda model: model(*args))
 
+    def data_resolution(self) -> int:
+        """The training resolution: `data.resolution`, or the model's native one when 0. Call after `load_parts`,
+        before encoding: a size the VAE cannot encode or far above native is a ConfigError, another size a
+        warning (off-native sizes cost encode time and quality)."""
+        native, asked = self.parts.resolution, self.cfg.data.resolution
+        if not asked or asked == native:
+            return native
+        factor = 2 ** (len(self.parts.vae.config.block_out_channels) - 1)
+        if asked % factor:
+            raise ConfigError(f"data.resolution: {asked} is not a multiple of the VAE's factor {factor} "
+                              f"(the model's native size is {native}; 0 uses it)")
+        if asked > 4 * native:
+            raise ConfigError(f"data.resolution: {asked} is more than 4x the model's native {native} px; "
+                              f"set data.resolution={native} or 0 (native)")
+        print(f"warning: data.resolution: training at {asked} px, the model's native size is {native} px")
+        return asked
+
     # --- batches -------------------------------------------------------------------------------------------
 
     def collate(self, rows: list[dict]) -> dict:
@@ -96,7 +114,7 @@ class LatentDiffusionMethod:
         (`cfg.model.lora_rank`), the adapter alone in diffusers' format (`pipe.load_lora_weights(out_dir)`)."""
         cls = pipeline_class(self.parts)
         if self.cfg.model.lora_rank > 0:
-            save_unet_lora(cls, unet, out_dir)
+            save_unet_lora(cls, unet, out_dir, base=self.cfg.model.pretrained, method=type(self).__name__)
             return
         extra = {} if self.parts.is_sdxl else {"safety_checker": None, "requires_safety_checker": False}
         cls.from_pretrained(self.cfg.model.pretrained, unet=unet, **components, **extra).save_pretrained(out_dir)

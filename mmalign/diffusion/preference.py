@@ -104,7 +104,7 @@ class DiffusionPreference(LatentDiffusionMethod):
 
     def dataset(self) -> tuple[PairTensors, SkipReport]:
         d = self.cfg.data
-        res = d.resolution or self.parts.resolution
+        res = self.data_resolution()
         self.data, report = build_pair_tensors(self.parts, d.path, res, d.random_flip, d.ties, d.bad_rows,
                                                self.device, d.cache_dir or None, d.encode_batch)
         self.resolution = res

@@ -94,8 +94,8 @@ class DiffusionSFT(LatentDiffusionMethod):
 
     def dataset(self) -> tuple[CachedLatents, SkipReport]:
         d, p = self.cfg.data, self.parts
+        res = self.data_resolution()
         rows, report = read_caption_folder(d.path, d.bad_rows)
-        res = d.resolution or p.resolution
         prep = T.Compose([T.Resize(res), T.CenterCrop(res), T.PILToTensor(), T.ToDtype(torch.float32, scale=True),
                           T.Normalize([0.5] * 3, [0.5] * 3)])
         pending, captions, means, stds = [], [], [], []

@@ -16,6 +16,7 @@ LoRA, the policy with its adapters off.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -122,9 +123,9 @@ class VideoMethod(LatentDiffusionMethod):
         self.empty = {"ctx": encode_prompts(self.parts, [""], self.device)["ctx"][0]}
         return encode_prompts(self.parts, captions, self.device)["ctx"]
 
-    @property
+    @functools.cached_property
     def resolution(self) -> int:
-        return self.cfg.data.resolution or self.parts.resolution
+        return self.data_resolution()  # checked once, after the models load
 
     def latents(self, batch: dict, side: str = "") -> torch.Tensor:
         """A fresh posterior sample, scaled: (B, C, F, h, w)."""
@@ -145,18 +146,18 @@ class VideoTemporalTraining(VideoMethod):
     In-memory data: `data=[(caption, frames), ...]`."""
 
     def dataset(self) -> tuple[TensorRows, SkipReport]:
-        d = self.cfg.data
+        d, res = self.cfg.data, self.resolution  # the resolution is checked before anything decodes
         if self.data is not None:
             clips, report = list(self.data), SkipReport(total=len(self.data), kept=len(self.data))
         elif d.path:
             clips, report = read_clip_folder(d.path, d.num_frames, d.bad_rows)
         elif d.shapeworld_clips:
-            clips = shapeworld_clips(d.shapeworld_clips, d.seed, d.num_frames, self.resolution)
+            clips = shapeworld_clips(d.shapeworld_clips, d.seed, d.num_frames, res)
             report = SkipReport(total=len(clips), kept=len(clips))
         else:
             raise ConfigError("data: set data.path or data.shapeworld_clips")
         self.require_rows(report, d.path or "in-memory data")
-        mean, std = encode_clips(self.parts.vae, [f for _, f in clips], self.resolution, self.device, d.encode_batch,
+        mean, std = encode_clips(self.parts.vae, [f for _, f in clips], res, self.device, d.encode_batch,
                                  d.num_frames)
         return TensorRows(mean=mean, std=std, ctx=self.encode_captions([c for c, _ in clips])), report
 
@@ -187,7 +188,7 @@ class VideoDiffusionDPO(VideoMethod):
     needs_reference = True
 
     def dataset(self) -> tuple[TensorRows, SkipReport]:
-        d = self.cfg.data
+        d, res = self.cfg.data, self.resolution  # the resolution is checked before anything decodes
         if self.data is not None:
             pairs, report = list(self.data), SkipReport(total=len(self.data), kept=len(self.data))
         elif d.path:
@@ -198,7 +199,7 @@ class VideoDiffusionDPO(VideoMethod):
         else:
             raise ConfigError("data.path: video_dpo needs pairs (or in-memory data)")
         self.require_rows(report, d.path or "in-memory data")
-        enc = lambda k: encode_clips(self.parts.vae, [p[k] for p in pairs], self.resolution,  # noqa: E731
+        enc = lambda k: encode_clips(self.parts.vae, [p[k] for p in pairs], res,  # noqa: E731
                                      self.device, d.encode_batch, d.num_frames)
         (mw, sw), (ml, sl) = enc(1), enc(2)
         return TensorRows(mean_w=mw, std_w=sw, mean_l=ml, std_l=sl,
