@@ -146,7 +146,7 @@ def test_an_export_without_metadata_takes_its_base_from_the_run_config(lora_run,
     assert pipe.config._name_or_path == str(tiny_sd_dir)
 
 
-def test_sample_then_eval_compare(base_samples, lora_run, tmp_path):
+def test_sample_then_eval_compare_then_report(base_samples, lora_run, tiny_sdxl_dir, tmp_path):
     from mmalign.evals.clip_backbone import build_clip, save_backbone
 
     cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1,
@@ -159,3 +159,13 @@ def test_sample_then_eval_compare(base_samples, lora_run, tmp_path):
           "--out", str(tmp_path / "c.json")])
     doc = json.loads((tmp_path / "c.json").read_text())
     assert doc["n-samples"]["compare_clipscore"] == {"original": 2, "effective": 2}
+    # an SDXL pipeline on the same prompts and seeds, compared likewise; then one report over all three folders
+    sample(tiny_sdxl_dir, tmp_path / "sdxl")
+    main(["eval", "compare", str(tmp_path / "sdxl"), str(base_samples[0]), "--model", str(clip)])
+    assert any((tmp_path / "sdxl").glob("compare_clipscore_vs_*.json"))  # written into the candidate's folder
+    (tmp_path / "c.json").rename(tmp_path / "lora" / "compare_lora.json")
+    main(["report", str(base_samples[0]), str(tmp_path / "lora"), str(tmp_path / "sdxl"),
+          "--out", str(tmp_path / "report.html")])
+    html = (tmp_path / "report.html").read_text()
+    assert "Gains and win rates with 95 % CIs" in html and html.count("<svg") >= 1
+    assert html.count(" vs ") >= 2 and html.count("<img") >= 6  # paired grids of the sample folders
