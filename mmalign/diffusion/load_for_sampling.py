@@ -7,15 +7,14 @@ with its base (given, or named in the export's metadata), or a video training ex
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from ..core.config import ConfigError
+from ..core.paths import looks_like_hub_id
 from .lora import EXPORT_INFO, LORA_WEIGHTS
 
 INDEX = "model_index.json"
 VIDEO_PIPELINE = "pipeline"  # a video training export's full AnimateDiffPipeline (video.sampling.save_video_model)
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def export_kind(path: str | Path, option: str = "--model") -> str:
@@ -23,7 +22,7 @@ def export_kind(path: str | Path, option: str = "--model") -> str:
     (VIDEO_PIPELINE/model_index.json); anything else is a FileNotFoundError naming what was expected."""
     p = Path(path)
     if not p.exists():
-        if HUB_ID.match(str(path)):
+        if looks_like_hub_id(str(path)):
             return "pipeline"
         raise FileNotFoundError(f"{option} {path}: no such directory, and not a hub id (owner/name)")
     if (p / INDEX).is_file():
