@@ -319,6 +319,9 @@ def main(argv: list[str] | None = None) -> None:
         if a.debug:
             raise
         sys.exit(f"error: {e}")
+    except BrokenPipeError:  # the reader went away (`mmalign list | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

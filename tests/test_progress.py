@@ -43,3 +43,9 @@ def test_cli_output_is_line_buffered_when_redirected(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "methods" in r.stdout
     assert r.stderr.strip().splitlines()[-1] == "True True"
+
+
+def test_a_closed_pipe_ends_the_cli_quietly():
+    r = subprocess.run(f"{sys.executable} -m mmalign.cli list | head -1", shell=True, capture_output=True,
+                       text=True, timeout=120)
+    assert r.stdout.startswith("methods") and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr
