@@ -130,6 +130,10 @@ def encode(parts, data_path, cache_dir):
     return data, report, "hit" in logs[0]
 
 
+def column(data, key):
+    return torch.stack([data[i][key] for i in range(len(data))])
+
+
 def colour_rows(n):
     return [(f"pair {i}", Image.new("RGB", (32, 32), (40 * i, 200, 0)), Image.new("RGB", (32, 32), (0, 0, 40 * i)),
              {}) for i in range(n)]
@@ -140,14 +144,14 @@ def test_pair_tensor_cache_misses_an_image_changed_beside_a_jsonl(tmp_path, sd_p
     cache = tmp_path / "cache"
     first, _, hit1 = encode(sd_parts, meta, cache)
     again, _, hit2 = encode(sd_parts, meta, cache)
-    assert (hit1, hit2) == (False, True) and torch.equal(first.t["mean_w"], again.t["mean_w"])
+    assert (hit1, hit2) == (False, True) and torch.equal(column(first, "mean_w"), column(again, "mean_w"))
     jsonl_stat = meta.stat()
     rewrite_later(tmp_path / "data/images/000001_0.png", Image.new("RGB", (32, 32), (255, 255, 255)))
     assert meta.stat().st_mtime_ns == jsonl_stat.st_mtime_ns  # the jsonl itself is untouched
     changed, _, hit3 = encode(sd_parts, meta, cache)
     assert not hit3
-    assert not torch.equal(changed.t["mean_w"][1], first.t["mean_w"][1])  # the rewritten winner
-    assert torch.allclose(changed.t["mean_w"][[0, 2]], first.t["mean_w"][[0, 2]], atol=1e-6)
+    assert not torch.equal(changed[1]["mean_w"], first[1]["mean_w"])  # the rewritten winner
+    assert torch.allclose(column(changed, "mean_w")[[0, 2]], column(first, "mean_w")[[0, 2]], atol=1e-6)
     assert encode(sd_parts, meta, cache)[2]  # and the new entry is reused
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
 
@@ -168,8 +172,8 @@ def test_pair_tensor_cache_misses_images_outside_the_data_folder(tmp_path, sd_pa
     assert encode(sd_parts, data, cache)[2]
     rewrite_later(outside / "images/000000_1.png", Image.new("RGB", (32, 32), (255, 255, 255)))
     changed, _, hit = encode(sd_parts, data, cache)
-    assert not hit and not torch.equal(changed.t["mean_l"][0], first.t["mean_l"][0])
-    assert torch.allclose(changed.t["mean_l"][1], first.t["mean_l"][1], atol=1e-6)
+    assert not hit and not torch.equal(changed[0]["mean_l"], first[0]["mean_l"])
+    assert torch.allclose(changed[1]["mean_l"], first[1]["mean_l"], atol=1e-6)
     shutil.move(str(tmp_path / "later.png"), str(outside / "images/000002_1.png"))  # the missing image appears
     grown, report, hit = encode(sd_parts, data, cache)
     assert not hit and len(grown) == 3 and report.kept == 3

@@ -23,12 +23,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def _canon(key: dict) -> str:
+def canonical(key: dict) -> str:
     return json.dumps(key, sort_keys=True, default=str)
 
 
 def fingerprint(key: dict) -> str:
-    return hashlib.sha256(_canon(key).encode()).hexdigest()
+    return hashlib.sha256(canonical(key).encode()).hexdigest()
 
 
 def _stat(p: Path) -> list:
@@ -107,7 +107,7 @@ def _read_entry(entry: Path, key: dict) -> tuple[dict[str, torch.Tensor] | None,
         stored = json.loads((entry / "key.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None, "missing or unreadable key.json (partial entry)"
-    if stored != json.loads(_canon(key)):
+    if stored != json.loads(canonical(key)):
         return None, "key.json does not match the key"
     try:
         return load_file(str(entry / "tensors.safetensors")), ""

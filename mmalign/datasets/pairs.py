@@ -33,7 +33,7 @@ from .records import DataError, SkipReport, check_policy, open_rgb, reject
 TIE_POLICIES = ("drop", "error")
 TIE_REASON = "tie (label_0=0.5)"
 _CORE = ("caption", "jpg_0", "jpg_1", "label_0")
-_IMAGE_COLUMNS = ("jpg_0", "jpg_1")
+IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def _parquet_rows(path: Path, paths_of: tuple[str, ...] | None = None) -> Iterat
         raise ImportError(f"reading {path} needs pyarrow: pip install 'mmalign[data]'") from e
     import pyarrow as pa
     try:
-        f = pq.ParquetFile(path)
+        f = pq.ParquetFile(path, pre_buffer=False)  # pre-buffering reads every row group ahead: RSS ~ file size
     except (pa.ArrowException, OSError) as e:  # empty, truncated or not parquet at all
         raise DataError(f"{path}: not a readable parquet file ({e})") from None
     i = 0
@@ -81,7 +81,7 @@ def _parquet_rows(path: Path, paths_of: tuple[str, ...] | None = None) -> Iterat
             i += 1
 
 
-def _dataset_rows(ds: Any, name: str = "dataset", image_columns: tuple[str, ...] | None = _IMAGE_COLUMNS,
+def dataset_rows(ds: Any, name: str = "dataset", image_columns: tuple[str, ...] | None = IMAGE_COLUMNS,
                   paths_of: tuple[str, ...] | None = None) -> Iterator[tuple[str, Any, Path | None]]:
     """Rows of a Dataset/DatasetDict with `image_columns` kept encoded; None keeps every image (any nesting)."""
     if hasattr(ds, "keys") and not hasattr(ds, "features"):  # a DatasetDict
@@ -113,7 +113,7 @@ def _dataset_rows(ds: Any, name: str = "dataset", image_columns: tuple[str, ...]
         yield f"{name}[{i}]", row, None
 
 
-def _datasets(source):
+def datasets_lib(source):
     try:
         import datasets
     except ImportError as e:
@@ -121,13 +121,13 @@ def _datasets(source):
     return datasets
 
 
-def source_rows(source: Any, image_columns: tuple[str, ...] | None = _IMAGE_COLUMNS,
+def source_rows(source: Any, image_columns: tuple[str, ...] | None = IMAGE_COLUMNS,
           jsonl_names: tuple[str, ...] = ("metadata.jsonl",),
           paths_of: tuple[str, ...] | None = None) -> Iterator[tuple[str, Any, Path | None]]:
     """(where, row, base folder) for every row of a source; `jsonl_names` are looked for in a folder, in order.
     With `paths_of`, parquet and Arrow rows hold only those columns' file paths (their bytes are not read)."""
     if not isinstance(source, (str, os.PathLike)):
-        return _dataset_rows(source, image_columns=image_columns, paths_of=paths_of)
+        return dataset_rows(source, image_columns=image_columns, paths_of=paths_of)
     p = Path(source)
     if p.is_file():
         if p.suffix == ".jsonl":
@@ -140,16 +140,16 @@ def source_rows(source: Any, image_columns: tuple[str, ...] | None = _IMAGE_COLU
             if (p / name).is_file():
                 return _jsonl_rows(p / name)
         if any((p / m).is_file() for m in ("dataset_info.json", "state.json", "dataset_dict.json")):
-            datasets = _datasets(p)
-            return _dataset_rows(datasets.load_from_disk(str(p)), str(p), image_columns, paths_of)
+            datasets = datasets_lib(p)
+            return dataset_rows(datasets.load_from_disk(str(p)), str(p), image_columns, paths_of)
         shards = sorted(p.glob("*.parquet"))
         if shards:
             return (r for s in shards for r in _parquet_rows(s, paths_of))
         raise DataError(f"{p}: no {' / '.join(jsonl_names)}, *.parquet shards or save_to_disk dataset in this folder")
     s = str(source)
     if HUB_ID.fullmatch(s) and p.suffix not in (".jsonl", ".parquet", ".json", ".arrow"):
-        datasets = _datasets(s)
-        return _dataset_rows(datasets.load_dataset(s, split="train"), s, image_columns, paths_of)
+        datasets = datasets_lib(s)
+        return dataset_rows(datasets.load_dataset(s, split="train"), s, image_columns, paths_of)
     raise FileNotFoundError(f"pair source {s!r}: no such file or folder (and not a hub id like 'owner/name')")
 
 
@@ -213,9 +213,9 @@ def referenced_files(source: Any) -> Iterator[Path]:
     bytes name none (their container file is fingerprinted itself). Parquet and Arrow image columns are read
     without their bytes, so there a cell with both bytes and a path yields the path too (at worst a needless
     cache miss, never a stale hit)."""
-    for _, row, base in source_rows(source, paths_of=_IMAGE_COLUMNS):
+    for _, row, base in source_rows(source, paths_of=IMAGE_COLUMNS):
         if isinstance(row, dict):
-            for col in _IMAGE_COLUMNS:
+            for col in IMAGE_COLUMNS:
                 ref = _image_ref(row.get(col), base)
                 if isinstance(ref, Path):
                     yield ref
@@ -232,21 +232,27 @@ def check_ties(ties: str) -> None:
         raise ValueError(f"tie policy must be one of {TIE_POLICIES}, got {ties!r}")
 
 
+def caption_ok(where: str, row: Any, report: SkipReport, bad_rows: str) -> bool:
+    """Whether one raw row is a JSON object with a non-blank string caption; the row counts in `report.total`,
+    and one that is not is rejected under `bad_rows`."""
+    report.total += 1
+    if isinstance(row, BadRow) or not isinstance(row, dict):
+        reject(report, bad_rows, row if isinstance(row, BadRow) else "row is not a JSON object", where)
+        return False
+    if not isinstance(row.get("caption"), str):
+        reject(report, bad_rows, "missing or non-string caption", where)
+        return False
+    if not row["caption"].strip():
+        reject(report, bad_rows, "empty caption", where)
+        return False
+    return True
+
+
 def captioned_rows(rows, report: SkipReport, bad_rows: str):
-    """(where, row, base) of every row that is a JSON object with a non-blank string caption; each row counts in
-    `report.total`, the others are rejected under `bad_rows`."""
+    """(where, row, base) of every row that passes `caption_ok`."""
     for where, row, base in rows:
-        report.total += 1
-        if isinstance(row, BadRow) or not isinstance(row, dict):
-            reject(report, bad_rows, row if isinstance(row, BadRow) else "row is not a JSON object", where)
-            continue
-        if not isinstance(row.get("caption"), str):
-            reject(report, bad_rows, "missing or non-string caption", where)
-            continue
-        if not row["caption"].strip():
-            reject(report, bad_rows, "empty caption", where)
-            continue
-        yield where, row, base
+        if caption_ok(where, row, report, bad_rows):
+            yield where, row, base
 
 
 def tie_left_out(label: float, ties: str, report: SkipReport, where: str, what: str) -> bool:
@@ -259,27 +265,50 @@ def tie_left_out(label: float, ties: str, report: SkipReport, where: str, what: 
     return True
 
 
-def read_pairs(source: Any, ties: str = "drop", bad_rows: str = "skip") -> tuple[list[PairRecord], SkipReport]:
-    """The valid, non-tied pairs of `source` (oriented winner/loser) and a report of every row left out."""
-    check_policy(bad_rows)
+def pair_record(where: str, row: Any, base: Path | None, report: SkipReport, ties: str = "drop",
+                bad_rows: str = "skip") -> PairRecord | None:
+    """One raw row (as `source_rows` or `row_source.RowSource.rows` yield it) as a pair oriented winner/loser, or
+    None when it is left out. The row counts in `report.total`; a bad row or a tie is a counted skip or a DataError
+    under the policies (module doc). `report.kept` is the caller's to count."""
+    if not caption_ok(where, row, report, bad_rows):
+        return None
+    label = pair_label(row.get("label_0"))
+    if label is None:
+        reject(report, bad_rows, "label_0 missing or not 0, 0.5 or 1", where)
+        return None
+    img0, img1 = _image(row.get("jpg_0"), base, "jpg_0"), _image(row.get("jpg_1"), base, "jpg_1")
+    bad = next((i for i in (img0, img1) if isinstance(i, str)), None)
+    if bad is not None:
+        reject(report, bad_rows, bad, where)
+        return None
+    if tie_left_out(label, ties, report, where, "image"):
+        return None
+    w, l = (img0, img1) if label == 1 else (img1, img0)
+    return PairRecord(row["caption"], w, l, where, {k: v for k, v in row.items() if k not in _CORE})
+
+
+def iter_pairs(source: Any, report: SkipReport, ties: str = "drop", bad_rows: str = "skip") -> Iterator[PairRecord]:
+    """The valid, non-tied pairs of `source`, lazily: memory holds one batch of source rows (256, or one
+    parquet row group being read), never the data set. Every row is counted in `report` as it is read (kept
+    included), so the report is complete once the iterator is exhausted."""
+    check_policy(bad_rows)  # now, not at the first next()
     check_ties(ties)
-    report, out = SkipReport(), []
-    for where, row, base in captioned_rows(source_rows(source), report, bad_rows):
-        label = pair_label(row.get("label_0"))
-        if label is None:
-            reject(report, bad_rows, "label_0 missing or not 0, 0.5 or 1", where)
-            continue
-        img0, img1 = _image(row.get("jpg_0"), base, "jpg_0"), _image(row.get("jpg_1"), base, "jpg_1")
-        bad = next((i for i in (img0, img1) if isinstance(i, str)), None)
-        if bad is not None:
-            reject(report, bad_rows, bad, where)
-            continue
-        if tie_left_out(label, ties, report, where, "image"):
-            continue
-        w, l = (img0, img1) if label == 1 else (img1, img0)
-        out.append(PairRecord(row["caption"], w, l, where, {k: v for k, v in row.items() if k not in _CORE}))
-    report.kept = len(out)
-    return out, report
+    return _pairs(source_rows(source), report, ties, bad_rows)
+
+
+def _pairs(rows, report: SkipReport, ties: str, bad_rows: str) -> Iterator[PairRecord]:
+    for where, row, base in rows:
+        rec = pair_record(where, row, base, report, ties, bad_rows)
+        if rec is not None:
+            report.kept += 1
+            yield rec
+
+
+def read_pairs(source: Any, ties: str = "drop", bad_rows: str = "skip") -> tuple[list[PairRecord], SkipReport]:
+    """The valid, non-tied pairs of `source` (oriented winner/loser) as a list, and a report of every row left
+    out (small sources; large ones go through `iter_pairs`)."""
+    report = SkipReport()
+    return list(iter_pairs(source, report, ties, bad_rows)), report
 
 
 def load_pair_images(rec: PairRecord, report: SkipReport,

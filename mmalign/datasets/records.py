@@ -88,30 +88,49 @@ def jsonl_rows(path: str | Path, report: SkipReport, policy: str,
         yield where, obj
 
 
+def caption_folder_meta(folder: str | Path) -> Path:
+    """`folder/metadata.jsonl`, or a DataError saying what a caption folder needs."""
+    meta = Path(folder) / "metadata.jsonl"
+    if not meta.is_file():
+        raise DataError(f"{folder}: no metadata.jsonl (expected one JSON object per line with file_name, text)")
+    return meta
+
+
+def caption_record(where: str, obj: Any, folder: Path, report: SkipReport, policy: str) -> CaptionRecord | None:
+    """One parsed metadata.jsonl row as a CaptionRecord (its image file exists, its caption is a non-blank string),
+    or None when rejected under `policy`. `obj` may be a str subclass naming a parse failure (`pairs.BadRow`).
+    The row counts in `report.total`; `report.kept` is the caller's to count."""
+    report.total += 1
+    if isinstance(obj, str):  # a line that did not parse: the string is the reason
+        reject(report, policy, str(obj), where)
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("file_name"), str):
+        reject(report, policy, "missing file_name", where)
+        return None
+    if not isinstance(obj.get("text"), str):
+        reject(report, policy, "missing or non-string text", where)
+        return None
+    if not obj["text"].strip():  # an unconditional example is caption dropout's job, not the data's
+        reject(report, policy, "empty caption", where)
+        return None
+    path = folder / obj["file_name"]
+    if not path.is_file():
+        reject(report, policy, "image file not found", where)
+        return None
+    return CaptionRecord(path, obj["text"], {k: v for k, v in obj.items() if k not in ("file_name", "text")})
+
+
 def read_caption_folder(folder: str | Path, policy: str = "skip") -> tuple[list[CaptionRecord], SkipReport]:
     """Rows of `folder/metadata.jsonl` whose image file exists and whose caption is a string."""
     check_policy(policy)
     folder = Path(folder)
-    meta = folder / "metadata.jsonl"
-    if not meta.is_file():
-        raise DataError(f"{folder}: no metadata.jsonl (expected one JSON object per line with file_name, text)")
+    meta = caption_folder_meta(folder)
+    from .row_source import RowSource  # it imports this module
     report, rows = SkipReport(), []
-    for where, obj in jsonl_rows(meta, report, policy):
-        if not isinstance(obj, dict) or not isinstance(obj.get("file_name"), str):
-            reject(report, policy, "missing file_name", where)
-            continue
-        if not isinstance(obj.get("text"), str):
-            reject(report, policy, "missing or non-string text", where)
-            continue
-        if not obj["text"].strip():  # an unconditional example is caption dropout's job, not the data's
-            reject(report, policy, "empty caption", where)
-            continue
-        path = folder / obj["file_name"]
-        if not path.is_file():
-            reject(report, policy, "image file not found", where)
-            continue
-        extra = {k: v for k, v in obj.items() if k not in ("file_name", "text")}
-        rows.append(CaptionRecord(path, obj["text"], extra))
+    for where, obj, _ in RowSource(meta).rows():
+        rec = caption_record(where, obj, folder, report, policy)
+        if rec is not None:
+            rows.append(rec)
     report.kept = len(rows)
     return rows, report
 

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from .pairs import _IMAGE_COLUMNS, BadRow, HUB_ID, _datasets, _dataset_rows
+from .pairs import IMAGE_COLUMNS, BadRow, HUB_ID, datasets_lib, dataset_rows
 from .records import DataError
 
 STRIDE = 256
@@ -83,7 +83,8 @@ class _Parquet:
         first = bisect.bisect_right(self.groups, start) - 1
         last = bisect.bisect_left(self.groups, stop)
         i = self.groups[first]
-        for batch in pq.ParquetFile(self.path).iter_batches(batch_size=256, row_groups=range(first, last)):
+        f = pq.ParquetFile(self.path, pre_buffer=False)  # pre-buffering holds every row group of the range
+        for batch in f.iter_batches(batch_size=256, row_groups=range(first, last)):
             if i + batch.num_rows <= start:
                 i += batch.num_rows
                 continue
@@ -105,7 +106,7 @@ class _Dataset:
 
     def rows(self, start: int, stop: int) -> Iterator[tuple[str, Any, None]]:
         part = self.ds.select(range(start, min(stop, self.n)))
-        for k, (_, row, base) in enumerate(_dataset_rows(part, self.name, self.image_columns)):
+        for k, (_, row, base) in enumerate(dataset_rows(part, self.name, self.image_columns)):
             yield f"{self.name}[{start + k}]", row, base
 
 
@@ -113,7 +114,7 @@ class RowSource:
     """The rows of a pair/record source by range; see the module doc. `jsonl_names` are looked for in a folder,
     in order; `image_columns` stay encoded in Dataset rows (None: every image column, at any nesting)."""
 
-    def __init__(self, source: Any, image_columns: tuple[str, ...] | None = _IMAGE_COLUMNS,
+    def __init__(self, source: Any, image_columns: tuple[str, ...] | None = IMAGE_COLUMNS,
                  jsonl_names: tuple[str, ...] = ("metadata.jsonl",)):
         self.parts = _resolve(source, image_columns, jsonl_names)
         self.starts = [0]
@@ -146,12 +147,12 @@ def _resolve(source: Any, image_columns, jsonl_names) -> list:
             if (p / name).is_file():
                 return [_Jsonl(p / name)]
         if any((p / m).is_file() for m in ("dataset_info.json", "state.json", "dataset_dict.json")):
-            return [_Dataset(_datasets(p).load_from_disk(str(p)), str(p), image_columns)]
+            return [_Dataset(datasets_lib(p).load_from_disk(str(p)), str(p), image_columns)]
         shards = sorted(p.glob("*.parquet"))
         if shards:
             return [_Parquet(s) for s in shards]
         raise DataError(f"{p}: no {' / '.join(jsonl_names)}, *.parquet shards or save_to_disk dataset in this folder")
     s = str(source)
     if HUB_ID.fullmatch(s) and p.suffix not in (".jsonl", ".parquet", ".json", ".arrow"):
-        return [_Dataset(_datasets(s).load_dataset(s, split="train"), s, image_columns)]
+        return [_Dataset(datasets_lib(s).load_dataset(s, split="train"), s, image_columns)]
     raise FileNotFoundError(f"pair source {s!r}: no such file or folder (and not a hub id like 'owner/name')")

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .cache import _canon, fingerprint
+from .cache import canonical, fingerprint
 from .records import SkipReport
 
 INDEX_VERSION = 1
@@ -208,10 +208,9 @@ def build_sharded(root: str | Path, key: dict, *, n_rows: int, read: Callable[[i
         flat = _flatten(encode(prepared)) if report["kept"] else {}  # a range with no usable row: no tensors
         lengths = {len(t) for k, t in flat.items() if not k.startswith((TABLE, RAGGED)) and t.dim()}
         lengths |= {len(t) - 1 for k, t in flat.items() if k.startswith(RAGGED) and k.endswith(".offsets")}
-        if flat and lengths != {report["kept"]}:
-            raise RuntimeError(f"shard {s}: encode returned rows of lengths {sorted(lengths)}, "
-                               f"but {report['kept']} rows were kept")
-        meta = {"rows": str(report["kept"]), "report": json.dumps(report), "key": key_fp}
+        if len(lengths) > 1:  # rows may outnumber kept source rows (augmentation: both flips), never disagree
+            raise RuntimeError(f"shard {s}: encode returned per-row tensors of different lengths {sorted(lengths)}")
+        meta = {"rows": str(lengths.pop() if lengths else 0), "report": json.dumps(report), "key": key_fp}
         _atomic_save(flat, _shard_path(entry, s), meta, entry)
         bar.update(plan.bounds(s)[1] - plan.bounds(s)[0])
     bar.close()
@@ -232,7 +231,7 @@ def _start_entry(entry: Path, key: dict) -> None:
         stored = json.loads((entry / "key.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         stored = None
-    if stored is not None and stored != json.loads(_canon(key)):
+    if stored is not None and stored != json.loads(canonical(key)):
         shutil.rmtree(entry)
     (entry / "shards").mkdir(parents=True, exist_ok=True)
     (entry / "index.json").unlink(missing_ok=True)
@@ -330,6 +329,12 @@ class ShardedRows(torch.utils.data.Dataset):
             t = int(row.pop(f"{name}_index"))
             row.update({k: f.get_slice(f"{TABLE}{name}.{k}")[t:t + 1][0] for k in tensors})
         return row
+
+    def column(self, name: str) -> torch.Tensor:
+        """Per-row tensor `name` of every row, concatenated over shards (small per-row values: flags, scores),
+        without reading the other tensors."""
+        parts = [self._file(s).get_tensor(name) for s, n in enumerate(self.index["rows"]) if n]
+        return torch.cat(parts) if parts else torch.empty(0)
 
     def extras(self) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from .pairs import BadRow, captioned_rows, check_ties, pair_label, source_rows, tie_left_out, write_pair_folder
+from .pairs import BadRow, captioned_rows, check_ties, pair_label, tie_left_out, write_pair_folder
 from .records import IMAGE_ERRORS, DataError, SkipReport, check_policy, image_reason, reject
 
 CONTAINER_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
@@ -297,10 +297,39 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, Any, Path]]:
             yield f"{path}:{reader.line_num}", clean, path.parent
 
 
-def _pair_rows(source: Any) -> Iterator[tuple[str, Any, Path | None]]:
+class _CsvSource:
+    """A csv pair file's rows by range. CSV rows may span lines, so a range is reached by reading on from where
+    this process's last range ended (ranges asked in increasing order read the file once per process)."""
+
+    def __init__(self, path: Path):
+        self.path, self.n = path, sum(1 for _ in _csv_rows(path))
+        self._it, self._pos = None, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getstate__(self):
+        return {**self.__dict__, "_it": None, "_pos": 0}
+
+    def rows(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[str, Any, Path]]:
+        stop = self.n if stop is None else min(stop, self.n)
+        if self._it is None or start < self._pos:
+            self._it, self._pos = _csv_rows(self.path), 0
+        for _ in range(start - self._pos):
+            next(self._it)
+        self._pos = max(start, self._pos)
+        while self._pos < stop:
+            self._pos += 1
+            yield next(self._it)
+
+
+def pair_source(source: Any):
+    """The rows of a video pair source by range: `len()` and `rows(start, stop)` of (where, row, base folder)."""
     if isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".csv" and Path(source).is_file():
-        return _csv_rows(Path(source))
-    return source_rows(source, image_columns=None, jsonl_names=("metadata.jsonl", "pairs.jsonl"))
+        return _CsvSource(Path(source))
+    from .row_source import RowSource
+
+    return RowSource(source, image_columns=None, jsonl_names=("metadata.jsonl", "pairs.jsonl"))
 
 
 def _video_path(value: Any, root: Path | None, col: str) -> Path | str:
@@ -311,6 +340,60 @@ def _video_path(value: Any, root: Path | None, col: str) -> Path | str:
     return path if path.exists() else "video file not found"
 
 
+def _video_columns(row: dict) -> tuple[tuple[str, str], bool]:
+    """The row's two video columns and whether they are the labelled (video_0/video_1) kind."""
+    if any(row.get(c) is not None for c in _NATIVE):
+        return _NATIVE, False
+    if any(row.get(c) is not None for c in _LABELLED):
+        return _LABELLED, True
+    return (), False
+
+
+def video_pair(where: str, row: dict, base: Path | None, report: SkipReport, n_frames: int | None,
+               stride: int = 1, bad_rows: str = "skip", video_root: str | Path | None = None, ties: str = "drop",
+               start: int = 0) -> VideoPairRecord | None:
+    """One captioned row (see `pairs.captioned_rows`) as a pair with both videos decoded (oriented
+    preferred/rejected), or None when it is left out (counted in `report` under bad_rows="skip")."""
+    cols, labelled = _video_columns(row)
+    if not cols:
+        reject(report, bad_rows, "no video columns (video_w/video_l or video_0/video_1)", where)
+        return None
+    label = pair_label(row.get("label_0")) if labelled else 1.0
+    if label is None:
+        reject(report, bad_rows, "label_0 missing or not 0, 0.5 or 1", where)
+        return None
+    root = Path(video_root) if video_root is not None else base
+    paths = [_video_path(row.get(c), root, c) for c in cols]
+    bad = next((p for p in paths if isinstance(p, str)), None)
+    if bad is not None:
+        reject(report, bad_rows, bad, where)
+        return None
+    if tie_left_out(label, ties, report, where, "video"):
+        return None
+    path_w, path_l = paths if label == 1 else paths[::-1]
+    try:
+        frames = [read_video(p, n_frames, stride, start, as_array=True) for p in (path_w, path_l)]
+    except VideoError as e:
+        reject(report, bad_rows, e.reason, f"{where} ({e})")
+        return None
+    extra = {k: v for k, v in row.items() if k not in _CORE}
+    return VideoPairRecord(row["caption"], frames[0], frames[1], path_w, path_l, where, extra)
+
+
+def iter_video_pairs(rows: Iterable[tuple[str, Any, Path | None]], report: SkipReport, n_frames: int | None,
+                     stride: int = 1, bad_rows: str = "skip", video_root: str | Path | None = None,
+                     ties: str = "drop", start: int = 0) -> Iterator[VideoPairRecord]:
+    """The valid, non-tied pairs of raw (where, row, base) rows, lazily; every row counts in `report.total`
+    (the caller sets `report.kept`)."""
+    check_policy(bad_rows)
+    _check_sampling(n_frames, stride, start)
+    check_ties(ties)
+    for where, row, base in captioned_rows(rows, report, bad_rows):
+        rec = video_pair(where, row, base, report, n_frames, stride, bad_rows, video_root, ties, start)
+        if rec is not None:
+            yield rec
+
+
 def read_video_pairs(source: Any, n_frames: int | None, stride: int = 1, bad_rows: str = "skip",
                      video_root: str | Path | None = None, ties: str = "drop",
                      start: int = 0) -> tuple[list[VideoPairRecord], SkipReport]:
@@ -319,36 +402,25 @@ def read_video_pairs(source: Any, n_frames: int | None, stride: int = 1, bad_row
     check_policy(bad_rows)
     _check_sampling(n_frames, stride, start)
     check_ties(ties)
-    report, out = SkipReport(), []
-    for where, row, base in captioned_rows(_pair_rows(source), report, bad_rows):
-        if any(row.get(c) is not None for c in _NATIVE):
-            cols, label = _NATIVE, 1.0
-        elif any(row.get(c) is not None for c in _LABELLED):
-            cols, label = _LABELLED, pair_label(row.get("label_0"))
-            if label is None:
-                reject(report, bad_rows, "label_0 missing or not 0, 0.5 or 1", where)
-                continue
-        else:
-            reject(report, bad_rows, "no video columns (video_w/video_l or video_0/video_1)", where)
-            continue
-        root = Path(video_root) if video_root is not None else base
-        paths = [_video_path(row.get(c), root, c) for c in cols]
-        bad = next((p for p in paths if isinstance(p, str)), None)
-        if bad is not None:
-            reject(report, bad_rows, bad, where)
-            continue
-        if tie_left_out(label, ties, report, where, "video"):
-            continue
-        path_w, path_l = paths if label == 1 else paths[::-1]
-        try:
-            frames = [read_video(p, n_frames, stride, start, as_array=True) for p in (path_w, path_l)]
-        except VideoError as e:
-            reject(report, bad_rows, e.reason, f"{where} ({e})")
-            continue
-        extra = {k: v for k, v in row.items() if k not in _CORE}
-        out.append(VideoPairRecord(row["caption"], frames[0], frames[1], path_w, path_l, where, extra))
+    report = SkipReport()
+    out = list(iter_video_pairs(pair_source(source).rows(), report, n_frames, stride, bad_rows, video_root, ties,
+                                start))
     report.kept = len(out)
     return out, report
+
+
+def referenced_videos(source: Any, video_root: str | Path | None = None) -> Iterator[Path]:
+    """Every file the video columns of `source` name (a frame folder: each file in it), placed as `video_pair`
+    places them, whether or not it exists: for a cache key (`cache.files_fingerprint`). Nothing is decoded."""
+    for _, row, base in pair_source(source).rows():
+        if not isinstance(row, dict):
+            continue
+        root = Path(video_root) if video_root is not None else base
+        for col in (*_NATIVE, *_LABELLED):
+            value = row.get(col)
+            if isinstance(value, str) and value:
+                path = Path(value) if root is None or Path(value).is_absolute() else root / value
+                yield from sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else (path,)
 
 
 def write_gif(frames: Any, path: str | Path, frame_ms: int = 100) -> None:

@@ -23,6 +23,11 @@ Dataset, hub id); images are paths (relative to `image_root`, else to the data f
 {"bytes", "path"} dicts or PIL images (kept as PNG bytes). Every image is decoded once while reading
 (check_images="load"; "verify" is PIL's faster, weaker check) and then dropped, so a corrupt file is a counted
 skip (bad_rows="skip") or a DataError naming file:line / dataset[row] (bad_rows="error") before training.
+
+One code path: `PairReader` / `ConversationReader` turn one raw row into its records (counting skips); the lazy
+`iter_vl_pairs` / `iter_vl_conversations` and the list readers `read_vl_pairs` / `read_vl_conversations` (small
+sources, tests) run them over a source, and the sharded MLLM encoder (`mllm/sharded.py`) over ranges of it.
+Message and image checks live in `vl_messages.py`.
 """
 from __future__ import annotations
 
@@ -31,26 +36,25 @@ import itertools
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Union
+from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
 from .pairs import HUB_ID, BadRow, source_rows
 from .records import IMAGE_ERRORS, DataError, SkipReport, check_policy, image_reason, reject
+from .vl_messages import (MARKER, ROLES, ImageSource, RowContext, has_text, message_images, row_messages, place_images,  # noqa: F401
+                          prompt_of, Reject, reply_of)
 
-ImageSource = Union[Path, bytes]
 FORMATS = ("trl", "rlaif_v", "vlfeedback", "mm_rlhf")
 PAIRINGS = ("best", "all")
 CHECKS = ("load", "verify")
-ROLES = ("system", "user", "assistant")
-MARKER = "<image>"
 TIE_REASON = "tie (equal ratings)"
 GAP_REASON = "rating gap below min_rating_gap"
 _TEXT_COLS = {"trl": ("prompt", "chosen", "rejected"), "rlaif_v": ("question", "chosen", "rejected"),
               "mm_rlhf": ("prompt", "chosen", "rejected"), "vlfeedback": ("prompt", "completions")}
-_IMAGE_COLS = {"trl": ("images", "image"), "rlaif_v": ("image",), "mm_rlhf": ("images", "image"),
+IMAGE_COLS = {"trl": ("images", "image"), "rlaif_v": ("image",), "mm_rlhf": ("images", "image"),
                "vlfeedback": ("image", "img_path")}
 
 
@@ -70,168 +74,6 @@ class VLConversation:
     messages: list[dict]
     meta: dict
     where: str = ""
-
-
-class _Reject(Exception):
-    """A bad row: the reason, and what to append to the row's location."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(reason)
-        self.reason, self.detail = reason, detail
-
-
-@dataclass
-class _Ctx:
-    base: Path | None
-    image_root: Path | None
-    allow_text_only: bool
-    check: str
-    seen: dict = field(default_factory=dict)  # path -> None (decodes) or the _Reject
-
-
-# ---- messages ----
-
-def _split(text: str) -> list[dict]:
-    parts = []
-    for k, seg in enumerate(text.split(MARKER)):
-        if k:
-            parts.append({"type": "image"})
-        if seg.strip():
-            parts.append({"type": "text", "text": seg.strip()})
-    return parts
-
-
-def _content(content: Any, col: str) -> list[dict]:
-    if isinstance(content, str):
-        return _split(content)
-    if not isinstance(content, list):
-        raise _Reject(f"non-string text in {col}")
-    parts = []
-    for p in content:
-        kind = p.get("type") if isinstance(p, dict) else None
-        if kind == "image":
-            parts.append({"type": "image"})
-        elif kind == "text":
-            if not isinstance(p.get("text"), str):
-                raise _Reject(f"non-string text in {col}")
-            parts.extend(_split(p["text"]))
-        else:
-            raise _Reject(f"unsupported content part in {col}")
-    return parts
-
-
-def _messages(value: Any, col: str, role: str) -> list[dict]:
-    """A string or a list of {role, content} turns, normalised; a string becomes one `role` turn."""
-    if isinstance(value, str):
-        return [{"role": role, "content": _split(value)}]
-    if not isinstance(value, list) or not all(isinstance(m, dict) and "content" in m for m in value):
-        raise _Reject(f"non-string text in {col}")
-    out = []
-    for m in value:
-        if m.get("role") not in ROLES:
-            raise _Reject(f"unknown role in {col}")
-        out.append({"role": m["role"], "content": _content(m["content"], col)})
-    return out
-
-
-def _count(msgs: list[dict]) -> int:
-    return sum(p["type"] == "image" for m in msgs for p in m["content"])
-
-
-def _has_text(msgs: list[dict]) -> bool:
-    return any(p["type"] == "text" for m in msgs for p in m["content"])
-
-
-def _place_images(msgs: list[dict], n: int, col: str) -> list[dict]:
-    """Check one placeholder per image; with none at all, put them first in the first user turn."""
-    if any(_count([m]) for m in msgs if m["role"] == "assistant"):
-        raise _Reject("image placeholder in an assistant turn")
-    have = _count(msgs)
-    if have == n:
-        return msgs
-    first_user = next((i for i, m in enumerate(msgs) if m["role"] == "user"), None)
-    if have or first_user is None:
-        raise _Reject(f"image placeholder count != image count in {col}" if have else f"no user turn in {col}")
-    msgs = [dict(m) for m in msgs]
-    msgs[first_user]["content"] = [{"type": "image"}] * n + msgs[first_user]["content"]
-    return msgs
-
-
-def _prompt(value: Any, col: str, n_images: int) -> list[dict]:
-    msgs = _messages(value, col, "user")
-    if not msgs or msgs[-1]["role"] != "user":
-        raise _Reject(f"{col} does not end with a user turn")
-    if not _has_text(msgs) and not n_images:
-        raise _Reject(f"empty {col}")
-    return _place_images(msgs, n_images, col)
-
-
-def _reply(value: Any, col: str) -> list[dict]:
-    msgs = _messages(value, col, "assistant")
-    if any(m["role"] != "assistant" for m in msgs):
-        raise _Reject(f"non-assistant turn in {col}")
-    if _count(msgs):
-        raise _Reject(f"image placeholder in {col}")
-    if not _has_text(msgs):
-        raise _Reject(f"empty {col}")
-    return msgs
-
-
-# ---- images ----
-
-def _one_image(value: Any, ctx: _Ctx) -> ImageSource:
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, Image.Image):
-        buf = io.BytesIO()
-        value.save(buf, "PNG")
-        return buf.getvalue()
-    if isinstance(value, (bytes, bytearray, memoryview)) and len(value):
-        data = bytes(value)
-        _verify(data, ctx)
-        return data
-    if isinstance(value, (str, os.PathLike)) and str(value):
-        p = Path(value)
-        root = ctx.image_root if ctx.image_root is not None else ctx.base
-        if not p.is_absolute() and root is not None:
-            p = root / p
-        if not p.is_file():
-            raise _Reject("image file not found", f" ({p})")
-        if str(p) not in ctx.seen:
-            try:
-                _verify(p, ctx)
-                ctx.seen[str(p)] = None
-            except _Reject as r:
-                ctx.seen[str(p)] = r
-        if ctx.seen[str(p)] is not None:
-            raise ctx.seen[str(p)]
-        return p
-    if value is None or isinstance(value, (str, bytes)):
-        raise _Reject("missing image")
-    raise _Reject("unsupported image value", f" ({type(value).__name__})")
-
-
-def _verify(src: Path | bytes, ctx: _Ctx) -> None:
-    try:
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-            im.load() if ctx.check == "load" else im.verify()
-    except IMAGE_ERRORS as e:
-        raise _Reject(image_reason(e), f" ({type(e).__name__}: {e})") from None
-
-
-def _images(row: dict, cols: tuple[str, ...], ctx: _Ctx) -> tuple[ImageSource, ...]:
-    col = next((c for c in cols if row.get(c) is not None), None)
-    value = row.get(col) if col else None
-    values = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
-    out = []
-    for k, v in enumerate(values):
-        try:
-            out.append(_one_image(v, ctx))
-        except _Reject as r:
-            raise _Reject(r.reason, f" {col}[{k}]{r.detail}") from None
-    if not out and not ctx.allow_text_only:
-        raise _Reject("no image (text-only rows need allow_text_only=True)")
-    return tuple(out)
 
 
 def load_images(record: VLPair | VLConversation) -> list[Image.Image]:
@@ -255,10 +97,14 @@ def image_files(records: Iterable[VLPair | VLConversation]) -> Iterator[Path]:
 
 # ---- sources ----
 
-def _source_rows(source: Any, jsonl_names: tuple[str, ...]):
+def vl_source_rows(source: Any, jsonl_names: tuple[str, ...], by_range: bool = False):
+    """The raw rows of `source` (by_range: a `RowSource`, rows of any range without reading those before it)."""
     hub = (isinstance(source, str) and not Path(source).exists() and HUB_ID.fullmatch(source)
            and Path(source).suffix not in (".jsonl", ".parquet", ".json", ".arrow"))
     try:
+        if by_range:
+            from .row_source import RowSource
+            return RowSource(source, image_columns=None, jsonl_names=jsonl_names)
         return source_rows(source, image_columns=None, jsonl_names=jsonl_names)
     except Exception as e:
         if not hub or isinstance(e, (DataError, ImportError)):
@@ -269,9 +115,9 @@ def _source_rows(source: Any, jsonl_names: tuple[str, ...]):
 
 def _parsed(row: Any) -> dict:
     if isinstance(row, BadRow):
-        raise _Reject(str(row))
+        raise Reject(str(row))
     if not isinstance(row, dict):
-        raise _Reject("row is not a JSON object")
+        raise Reject("row is not a JSON object")
     return row
 
 
@@ -308,38 +154,164 @@ def _mean_rating(c: dict) -> float | str:
     return sum(vals) / len(vals)
 
 
-# ---- readers ----
+# ---- readers: one raw row at a time ----
+
+class _Reader:
+    """Shared settings of a row reader; `row(item, report, ctx)` turns one raw (where, row, base) of a source
+    into its records, counting the row in `report.total` and any skip by reason. Picklable (DataLoader workers)."""
+    jsonl_names: tuple[str, ...] = ()
+
+    def __init__(self, bad_rows: str, image_root: str | Path | None, allow_text_only: bool, check_images: str):
+        check_policy(bad_rows)
+        if check_images not in CHECKS:
+            raise ValueError(f"check_images must be one of {CHECKS}, got {check_images!r}")
+        self.bad_rows, self.allow_text_only, self.check_images = bad_rows, allow_text_only, check_images
+        self.image_root = Path(image_root) if image_root is not None else None
+
+    def new_ctx(self) -> RowContext:
+        """A fresh image-check memo (a path seen twice is decoded once); keep one per shard, not per source."""
+        return RowContext(None, self.image_root, self.allow_text_only, self.check_images)
+
+    def row(self, item: tuple[str, Any, Path | None], report: SkipReport, ctx: RowContext) -> list:
+        where, row, base = item
+        report.total += 1
+        ctx.base = base
+        try:
+            return self._records(_parsed(row), where, ctx, report)
+        except Reject as r:
+            reject(report, self.bad_rows, r.reason, where + r.detail)
+            return []
+
+    def iter(self, items: Iterable, report: SkipReport) -> Iterator:
+        """The records of `items`, lazily (`report.kept` is left to the caller)."""
+        ctx = self.new_ctx()
+        for item in items:
+            yield from self.row(item, report, ctx)
+
+
+class PairReader(_Reader):
+    """Rows of one (detected) pair format → VLPair; see the module doc."""
+    jsonl_names = ("pairs.jsonl", "metadata.jsonl")
+
+    def __init__(self, format: str, ties: str = "drop", bad_rows: str = "skip",
+                 image_root: str | Path | None = None, min_rating_gap: float = 0.0, pairing: str = "best",
+                 allow_text_only: bool = False, check_images: str = "load"):
+        super().__init__(bad_rows, image_root, allow_text_only, check_images)
+        _check_pair_options(format, ties, pairing, FORMATS)
+        if format != "vlfeedback" and (min_rating_gap or pairing != "best"):
+            raise ValueError(f"min_rating_gap and pairing apply to rated (vlfeedback) data, not {format}")
+        self.format, self.ties, self.min_gap, self.pairing = format, ties, min_rating_gap, pairing
+
+    def _records(self, row: dict, where: str, ctx: RowContext, report: SkipReport) -> list[VLPair]:
+        missing = [c for c in _TEXT_COLS[self.format] if row.get(c) is None]
+        if missing:
+            raise Reject(f"missing {', '.join(missing)}")
+        if self.format == "vlfeedback":
+            return _vlfeedback(row, where, ctx, report, self.bad_rows, self.ties, self.min_gap, self.pairing)
+        return [_simple(row, where, self.format, ctx)]
+
+
+class ConversationReader(_Reader):
+    """SFT rows: `images` + `messages`, or conversational `prompt` + `completion`; the last turn is the
+    assistant's."""
+    jsonl_names = ("conversations.jsonl", "metadata.jsonl")
+
+    def __init__(self, bad_rows: str = "skip", image_root: str | Path | None = None, allow_text_only: bool = False,
+                 check_images: str = "load"):
+        super().__init__(bad_rows, image_root, allow_text_only, check_images)
+
+    def _records(self, row: dict, where: str, ctx: RowContext, report: SkipReport) -> list[VLConversation]:
+        if row.get("messages") is not None:
+            msgs, used = row_messages(row["messages"], "messages", "user"), {"messages"}
+        elif row.get("prompt") is not None and row.get("completion") is not None:
+            msgs = row_messages(row["prompt"], "prompt", "user") + row_messages(row["completion"], "completion",
+                                                                            "assistant")
+            used = {"prompt", "completion"}
+        else:
+            raise Reject("missing messages (or prompt and completion)")
+        if not msgs or msgs[-1]["role"] != "assistant":
+            raise Reject("last message is not from the assistant")
+        if not has_text(msgs[-1:]):
+            raise Reject("empty assistant reply")
+        images = message_images(row, ("images", "image"), ctx)
+        msgs = place_images(msgs, len(images), "messages")
+        meta = {k: v for k, v in row.items() if k not in used | {"images", "image"}}
+        return [VLConversation(images, msgs, meta, where)]
+
+
+def _check_pair_options(format: str, ties: str, pairing: str, formats: tuple[str, ...]) -> None:
+    for name, val, ok in (("format", format, formats), ("tie policy", ties, ("drop", "error")),
+                          ("pairing", pairing, PAIRINGS)):
+        if val not in ok:
+            raise ValueError(f"{name} must be one of {ok}, got {val!r}")
+
+
+def pair_reader(rows: Iterable, format: str = "auto", **options) -> tuple[Iterator, PairReader]:
+    """(rows, reader) for a source's raw rows: with format="auto" the first JSON object's columns decide (the
+    rows read to find it are put back in front). `options` as `PairReader`'s."""
+    _check_pair_options(format, options.get("ties", "drop"), options.get("pairing", "best"), ("auto",) + FORMATS)
+    check_policy(options.get("bad_rows", "skip"))
+    if options.get("check_images", "load") not in CHECKS:
+        raise ValueError(f"check_images must be one of {CHECKS}, got {options['check_images']!r}")
+    rows, fmt = _detect(rows, format)
+    return rows, PairReader(fmt, **options)
+
+
+def iter_vl_pairs(source: Any, report: SkipReport, format: str = "auto", **options) -> Iterator[VLPair]:
+    """The valid pairs of `source`, lazily; every row (or completion / candidate pair) left out is counted in
+    `report` (its `kept` is the caller's)."""
+    rows, reader = pair_reader(vl_source_rows(source, PairReader.jsonl_names), format, **options)
+    return reader.iter(rows, report)
+
 
 def read_vl_pairs(source: Any, format: str = "auto", ties: str = "drop", bad_rows: str = "skip",
                   image_root: str | Path | None = None, min_rating_gap: float = 0.0, pairing: str = "best",
                   allow_text_only: bool = False, check_images: str = "load") -> tuple[list[VLPair], SkipReport]:
-    """The valid pairs of `source` and a report of every row (or completion / candidate pair) left out."""
-    check_policy(bad_rows)
-    for name, val, ok in (("format", format, ("auto",) + FORMATS), ("tie policy", ties, ("drop", "error")),
-                          ("pairing", pairing, PAIRINGS), ("check_images", check_images, CHECKS)):
-        if val not in ok:
-            raise ValueError(f"{name} must be one of {ok}, got {val!r}")
-    rows, fmt = _detect(_source_rows(source, ("pairs.jsonl", "metadata.jsonl")), format)
-    if fmt != "vlfeedback" and (min_rating_gap or pairing != "best"):
-        raise ValueError(f"min_rating_gap and pairing apply to rated (vlfeedback) data, not {fmt}")
-    ctx = _Ctx(None, Path(image_root) if image_root is not None else None, allow_text_only, check_images)
-    report, out = SkipReport(), []
-    for where, row, base in rows:
-        report.total += 1
-        ctx.base = base
-        try:
-            row = _parsed(row)
-            missing = [c for c in _TEXT_COLS[fmt] if row.get(c) is None]
-            if missing:
-                raise _Reject(f"missing {', '.join(missing)}")
-            if fmt == "vlfeedback":
-                out.extend(_vlfeedback(row, where, ctx, report, bad_rows, ties, min_rating_gap, pairing))
-            else:
-                out.append(_simple(row, where, fmt, ctx))
-        except _Reject as r:
-            reject(report, bad_rows, r.reason, where + r.detail)
+    """The valid pairs of `source` as a list (small sources, tests) and a report of every row left out."""
+    report = SkipReport()
+    out = list(iter_vl_pairs(source, report, format, ties=ties, bad_rows=bad_rows, image_root=image_root,
+                             min_rating_gap=min_rating_gap, pairing=pairing, allow_text_only=allow_text_only,
+                             check_images=check_images))
     report.kept = len(out)
     return out, report
+
+
+def iter_vl_conversations(source: Any, report: SkipReport, **options) -> Iterator[VLConversation]:
+    """The valid conversations of `source`, lazily (see `iter_vl_pairs`); `options` as `ConversationReader`'s."""
+    reader = ConversationReader(**options)
+    return reader.iter(vl_source_rows(source, ConversationReader.jsonl_names), report)
+
+
+def read_vl_conversations(source: Any, bad_rows: str = "skip", image_root: str | Path | None = None,
+                          allow_text_only: bool = False,
+                          check_images: str = "load") -> tuple[list[VLConversation], SkipReport]:
+    """SFT rows as a list, and a report of every row left out; see `ConversationReader`."""
+    report = SkipReport()
+    out = list(iter_vl_conversations(source, report, bad_rows=bad_rows, image_root=image_root,
+                                     allow_text_only=allow_text_only, check_images=check_images))
+    report.kept = len(out)
+    return out, report
+
+
+def referenced_image_files(source: Any, columns: tuple[str, ...], image_root: str | Path | None = None,
+                           jsonl_names: tuple[str, ...] = PairReader.jsonl_names) -> Iterator[Path]:
+    """Every file the image `columns` of `source` name by path (a string, {"bytes", "path"} or a list of those),
+    placed as the readers place them, whether or not it exists or its row is valid: for a cache key
+    (`cache.files_fingerprint`); nothing is decoded. Parquet and Arrow columns are read without their bytes
+    (`pairs.source_rows(paths_of=...)`), which sees string and struct columns only: there, paths inside list
+    columns are not covered (their container file is)."""
+    root = Path(image_root) if image_root is not None else None
+    for _, row, base in source_rows(source, image_columns=None, jsonl_names=jsonl_names, paths_of=columns):
+        if not isinstance(row, dict):
+            continue
+        for col in columns:
+            value = row.get(col)
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(v, dict):
+                    v = None if v.get("bytes") else v.get("path")
+                if isinstance(v, str) and v:
+                    p, at = Path(v), root if root is not None else base
+                    yield p if p.is_absolute() or at is None else at / p
 
 
 def _detect(rows, format: str):
@@ -354,25 +326,25 @@ def _detect(rows, format: str):
     raise DataError("no JSON object row to detect the format from; pass format=...")
 
 
-def _simple(row: dict, where: str, fmt: str, ctx: _Ctx) -> VLPair:
+def _simple(row: dict, where: str, fmt: str, ctx: RowContext) -> VLPair:
     """A trl / rlaif_v / mm_rlhf row."""
     pcol = _TEXT_COLS[fmt][0]
-    chosen, rejected = _reply(row["chosen"], "chosen"), _reply(row["rejected"], "rejected")
+    chosen, rejected = reply_of(row["chosen"], "chosen"), reply_of(row["rejected"], "rejected")
     if chosen == rejected:
-        raise _Reject("chosen == rejected")
-    prompt = _messages(row[pcol], pcol, "user")  # text checks before the (slower) image checks
-    images = _images(row, _IMAGE_COLS[fmt], ctx)
-    prompt = _prompt(row[pcol], pcol, len(images))
-    used = set(_TEXT_COLS[fmt]) | set(_IMAGE_COLS[fmt])
+        raise Reject("chosen == rejected")
+    prompt = row_messages(row[pcol], pcol, "user")  # text checks before the (slower) image checks
+    images = message_images(row, IMAGE_COLS[fmt], ctx)
+    prompt = prompt_of(row[pcol], pcol, len(images))
+    used = set(_TEXT_COLS[fmt]) | set(IMAGE_COLS[fmt])
     return VLPair(images, prompt, chosen, rejected, {k: v for k, v in row.items() if k not in used}, where)
 
 
 def _vlfeedback(row, where, ctx, report, bad_rows, ties, min_gap, pairing) -> list[VLPair]:
-    _messages(row["prompt"], "prompt", "user")
+    row_messages(row["prompt"], "prompt", "user")
     if not isinstance(row["completions"], list):
-        raise _Reject("completions is not a list")
-    images = _images(row, _IMAGE_COLS["vlfeedback"], ctx)
-    prompt = _prompt(row["prompt"], "prompt", len(images))
+        raise Reject("completions is not a list")
+    images = message_images(row, IMAGE_COLS["vlfeedback"], ctx)
+    prompt = prompt_of(row["prompt"], "prompt", len(images))
     scored = []  # (score, index, completion, reply messages)
     for i, c in enumerate(row["completions"]):
         cw = f"{where} completions[{i}]"
@@ -384,11 +356,11 @@ def _vlfeedback(row, where, ctx, report, bad_rows, ties, min_gap, pairing) -> li
             reject(report, bad_rows, score, cw)
             continue
         try:
-            scored.append((score, i, c, _reply(c["response"], "response")))
-        except _Reject as r:
+            scored.append((score, i, c, reply_of(c["response"], "response")))
+        except Reject as r:
             reject(report, bad_rows, f"completion: {r.reason}", cw)
     if len(scored) < 2:
-        raise _Reject("fewer than two rated completions")
+        raise Reject("fewer than two rated completions")
     if pairing == "best":
         best = max(scored, key=lambda s: s[0])  # max / min keep the first of equals
         candidates = [(best, min(scored, key=lambda s: s[0]))]
@@ -414,42 +386,6 @@ def _vlfeedback(row, where, ctx, report, bad_rows, ties, min_gap, pairing) -> li
     return out
 
 
-def read_vl_conversations(source: Any, bad_rows: str = "skip", image_root: str | Path | None = None,
-                          allow_text_only: bool = False,
-                          check_images: str = "load") -> tuple[list[VLConversation], SkipReport]:
-    """SFT rows: `images` + `messages`, or conversational `prompt` + `completion`; the last turn is the assistant's."""
-    check_policy(bad_rows)
-    if check_images not in CHECKS:
-        raise ValueError(f"check_images must be one of {CHECKS}, got {check_images!r}")
-    ctx = _Ctx(None, Path(image_root) if image_root is not None else None, allow_text_only, check_images)
-    report, out = SkipReport(), []
-    for where, row, base in _source_rows(source, ("conversations.jsonl", "metadata.jsonl")):
-        report.total += 1
-        ctx.base = base
-        try:
-            row = _parsed(row)
-            if row.get("messages") is not None:
-                msgs, used = _messages(row["messages"], "messages", "user"), {"messages"}
-            elif row.get("prompt") is not None and row.get("completion") is not None:
-                msgs = _messages(row["prompt"], "prompt", "user") + _messages(row["completion"], "completion",
-                                                                                "assistant")
-                used = {"prompt", "completion"}
-            else:
-                raise _Reject("missing messages (or prompt and completion)")
-            if not msgs or msgs[-1]["role"] != "assistant":
-                raise _Reject("last message is not from the assistant")
-            if not _has_text(msgs[-1:]):
-                raise _Reject("empty assistant reply")
-            images = _images(row, ("images", "image"), ctx)
-            msgs = _place_images(msgs, len(images), "messages")
-            meta = {k: v for k, v in row.items() if k not in used | {"images", "image"}}
-            out.append(VLConversation(images, msgs, meta, where))
-        except _Reject as r:
-            reject(report, bad_rows, r.reason, where + r.detail)
-    report.kept = len(out)
-    return out, report
-
-
 # ---- writers ----
 
 def _save_images(out_dir: Path, i: int, images: list) -> list[str]:
@@ -467,7 +403,7 @@ def _write_jsonl(out_dir: str | Path, name: str, rows: Iterable, make_row) -> Pa
         for i, r in enumerate(rows):
             try:
                 obj = make_row(out_dir, i, *r)
-            except _Reject as e:
+            except Reject as e:
                 raise ValueError(f"row {i}: {e.reason}") from None
             f.write(json.dumps(obj) + "\n")
     os.replace(tmp, path)
@@ -490,8 +426,8 @@ def write_vl_pairs_jsonl(out_dir: str | Path, rows: Iterable[tuple[list, str, st
 
     def make(out_dir, i, images, prompt, chosen, rejected, meta):
         meta = _check_meta(meta, core, i)
-        row = {"prompt": _prompt(prompt, "prompt", len(images)), "chosen": _reply(chosen, "chosen"),
-               "rejected": _reply(rejected, "rejected")}
+        row = {"prompt": prompt_of(prompt, "prompt", len(images)), "chosen": reply_of(chosen, "chosen"),
+               "rejected": reply_of(rejected, "rejected")}
         return {"images": _save_images(out_dir, i, images), **row, **meta}
     return _write_jsonl(out_dir, "pairs.jsonl", rows, make)
 
@@ -500,8 +436,8 @@ def write_vl_conversations_jsonl(out_dir: str | Path, rows: Iterable[tuple[list,
     """Write (images, messages, meta) as `images/*.png` + `conversations.jsonl` (TRL `images` + `messages`)."""
     def make(out_dir, i, images, messages, meta):
         meta = _check_meta(meta, ("images", "messages"), i)
-        msgs = _place_images(_messages(messages, "messages", "user"), len(images), "messages")
+        msgs = place_images(row_messages(messages, "messages", "user"), len(images), "messages")
         if not msgs or msgs[-1]["role"] != "assistant":
-            raise _Reject("last message is not from the assistant")
+            raise Reject("last message is not from the assistant")
         return {"images": _save_images(out_dir, i, images), "messages": msgs, **meta}
     return _write_jsonl(out_dir, "conversations.jsonl", rows, make)

@@ -70,7 +70,8 @@ class Encoder:
                 else "cannot encode")
         reject(self.report, self.bad_rows, kind, f"{where} ({err})")
 
-    def pair(self, i: int, rec, images: list, crop: tuple | None) -> EncodedPair | None:
+    def pair(self, i: int, rec, images: list, crop: tuple | None, crop_key=None) -> EncodedPair | None:
+        """`crop_key` seeds the mDPO crop (default `i`; the sharded encoder passes the source row)."""
         where = getattr(rec, "where", "") or f"pair {i}"
         try:
             head, (chosen, rejected) = split_prompt(self.processor, rec.prompt, rec.chosen, rec.rejected)
@@ -83,7 +84,7 @@ class Encoder:
                               self.finish(append_completion(prompt, ids_r), len(images), where),
                               margin=float(rec.meta.get("margin", 0.0)))
             if crop is not None:
-                rng = random.Random(f"{crop[0]}:{i}")
+                rng = random.Random(f"{crop[0]}:{i if crop_key is None else crop_key}")
                 small = [random_crop(im, rng, crop[1], crop[2]) for im in images]
                 out.cropped = self.finish(append_completion(
                     encode_pieces(self.processor, [(head, False)], small), ids_c), len(images), where)
@@ -126,28 +127,6 @@ def conversation_pieces(processor, messages: list[dict]) -> list[tuple[str, bool
     if full[len(done):]:
         pieces.append((full[len(done):], False))
     return [(t, trained) for t, trained in pieces if t]
-
-
-def finish_dataset(rows: list, report: SkipReport, what: str, source: str) -> "ListDataset":
-    """The encoded rows as a dataset, `report.kept` set to their number (rows the encoder skipped are counted in
-    `report.skipped`, no longer kept); an empty one is refused (the loop writes `data_report.json`)."""
-    from ..core.config import ConfigError
-
-    report.kept = len(rows)
-    if not rows:
-        raise ConfigError(f"data.path: no usable {what} in {source} ({report.summary()})")
-    return ListDataset(rows)
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, rows: list):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
 
 
 def collate_pairs(rows: list[EncodedPair], pad_id: int, ref: dict[int, torch.Tensor] | None = None,

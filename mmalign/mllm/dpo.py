@@ -9,23 +9,22 @@ logps/chosen, logps/rejected) so dashboards carry over.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 from accelerate.utils import send_to_device
-from tqdm.auto import tqdm
 
 from ..core.config import ConfigError, bounded, not_identity
 from ..core.reference import make_reference
 from ..datasets.records import SkipReport
-from .data import Encoder, ListDataset, collate_pairs, finish_dataset
+from .data import collate_pairs
 from .encoding import pad_id_of
 from .logps import sequence_logps
 from .packing import pair_packable, pair_sequence_logps, pair_token_logps, packing_unsupported
 from .losses import dpo_loss, mdpo_loss, mmdpo_beta, sft_nll
 from .models import VLModelConfig, load_vlm, prepare_trainable, reference_kind, save_vlm
 from .refcache import cached_reference_logps
+from .sharded import EncodedRows
 
 
 @dataclass
@@ -41,6 +40,9 @@ class VLPairDataConfig:
     ref_cache_dir: str = not_identity(".cache/mmalign/ref_logps")
     ref_batch_size: int = bounded(8, 1, identity=False)
     pack_pairs: Literal["auto", "on", "off"] = "auto"  # one [prompt][chosen][rejected] row per pair (packing.py)
+    cache_dir: str = not_identity("")  # encoded rows (mllm/sharded.py); "" = <output_dir>/data_cache
+    shard_rows: int = bounded(128, 1, identity=False)  # source rows per cache shard (in the cache key)
+    encode_workers: int = bounded(0, 0, identity=False)  # processes decoding and encoding shards
 
 
 @dataclass
@@ -89,48 +91,43 @@ class MLLMDPO:
         self.policy = policy
         return policy
 
-    def dataset(self) -> tuple[ListDataset, SkipReport]:
-        from ..datasets.vl_records import load_images, read_vl_pairs
+    def dataset(self) -> tuple[EncodedRows, SkipReport]:
+        from .sharded import encode_rows
 
-        d = self.cfg.data
-        records, report = read_vl_pairs(d.path, format=d.format, ties=d.ties, bad_rows=d.bad_rows,
-                                        image_root=d.image_root or None)
-        enc = Encoder(self.processor, self.model_config, d.max_length or None, d.bad_rows, report)
         o = self.cfg.objective
         crop = (0, o.crop_min, o.crop_max) if self.crops else None
-        rows = [r for i, rec in enumerate(tqdm(records, desc="encode pairs", unit="pair"))
-                if (r := enc.pair(i, rec, load_images(rec), crop)) is not None]
-        dataset = finish_dataset(rows, report, "pairs", d.path)
+        dataset, self.data_key = encode_rows("pairs", self.cfg.data, self.cfg.model.pretrained, self.processor,
+                                             self.model_config, self.output_dir, crop)
         self.pad_id = pad_id_of(self.processor)
-        self.pack = self._choose_packing(rows)
-        self.ref_logps = self._reference_cache(rows, records) if self.ref_kind == "cache" else None
-        return dataset, report
+        self.pack = self._choose_packing(dataset)
+        self.ref_logps = self._reference_cache(dataset) if self.ref_kind == "cache" else None
+        return dataset, dataset.report
 
     def _choose_packing(self, rows) -> bool:
-        """Pack pairs when the model and every row allow it (`auto`), insist (`on`) or never (`off`)."""
+        """Pack pairs when the model and every row allow it (`auto`), insist (`on`) or never (`off`). `rows`: a
+        list of EncodedPair, or EncodedRows (its per-row flags; only a refused row is read)."""
         mode = self.cfg.data.pack_pairs
         if mode == "off":
             return False
-        why = packing_unsupported(self.model_config) or next(
-            (f"row {r.index}: {w}" for r in rows if (w := pair_packable(r.chosen, r.rejected))), None)
+        why = packing_unsupported(self.model_config)
+        if why is None and isinstance(rows, EncodedRows):
+            refused = (rows.packable() == 0).nonzero()
+            if len(refused):
+                r = rows[int(refused[0])]
+                why = f"row {r.index}: {pair_packable(r.chosen, r.rejected)}"
+        elif why is None:
+            why = next((f"row {r.index}: {w}" for r in rows if (w := pair_packable(r.chosen, r.rejected))), None)
         if why and mode == "on":
             raise ConfigError(f"data.pack_pairs: on, but pairs cannot be packed: {why}")
         self.packing_note = why or "packed: one [prompt][chosen][rejected] row per pair"
         return why is None
 
-    def _reference_cache(self, rows, records) -> dict[int, torch.Tensor]:
-        from ..datasets.cache import file_fingerprint, files_fingerprint, model_fingerprint
-        from ..datasets.vl_records import image_files
-
-        d, m, o = self.cfg.data, self.cfg.model, self.cfg.objective
-        path = Path(d.path)
-        # the data file (or folder, or hub id) and every image file the kept records point to, wherever it lives
-        key = {"model": model_fingerprint(m.pretrained, [""]), "dtype": m.dtype,
-               "data": file_fingerprint(path) if path.exists() else d.path,
-               "images": files_fingerprint(image_files(records)), "format": d.format,
-               "image_root": d.image_root, "ties": d.ties, "bad_rows": d.bad_rows, "max_length": d.max_length,
-               "n": len(rows),
-               "crops": [o.crop_min, o.crop_max] if self.crops else None}
+    def _reference_cache(self, dataset) -> dict[int, torch.Tensor]:
+        """Reference log-probs of every row, keyed by the dataset's row index; the key is the encoded data's
+        (model, data, images, reader, lengths, crops) less its shard size, plus the weights' dtype."""
+        d, m = self.cfg.data, self.cfg.model
+        key = {"rows": {k: v for k, v in self.data_key.items() if k != "shard_rows"}, "dtype": m.dtype,
+               "n": len(dataset)}
         policy = self.policy.to(self.device)
 
         def compute(batch_rows):
@@ -144,7 +141,7 @@ class MLLMDPO:
         was_training = policy.training
         policy.eval()
         try:
-            return cached_reference_logps(d.ref_cache_dir, key, rows, compute, d.ref_batch_size)
+            return cached_reference_logps(d.ref_cache_dir, key, dataset, compute, d.ref_batch_size)
         finally:
             policy.train(was_training)
 

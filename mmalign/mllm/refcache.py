@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,10 +21,11 @@ from ..datasets.cache import fingerprint
 PART_ROWS = 256
 
 
-def cached_reference_logps(root: str, key: dict, rows: list, compute: Callable[[list], torch.Tensor],
+def cached_reference_logps(root: str, key: dict, rows: Sequence, compute: Callable[[list], torch.Tensor],
                            batch_size: int, log=print) -> dict[int, torch.Tensor]:
-    """{row.index: tensor of that row's reference log-probs}, computing `compute(batch_rows)` -> (n, k) for the
-    parts not on disk yet."""
+    """{row index in `rows`: tensor of that row's reference log-probs}, computing `compute(batch_rows)` -> (n, k)
+    for the parts not on disk yet. `rows` is a list or a lazy dataset: one batch of rows is read at a time, and
+    none for a part on disk."""
     entry = Path(root) / fingerprint(key)[:20]
     entry.mkdir(parents=True, exist_ok=True)
     key_file = entry / "key.json"
@@ -32,32 +33,32 @@ def cached_reference_logps(root: str, key: dict, rows: list, compute: Callable[[
         raise RuntimeError(f"{entry}: fingerprint collision with a different key; remove the folder")
     key_file.write_text(json.dumps(key, indent=1, default=str))
     out: dict[int, torch.Tensor] = {}
-    n_parts = (len(rows) + PART_ROWS - 1) // PART_ROWS
+    n = len(rows)
     computed = 0
-    bar = tqdm(total=len(rows), desc="reference log-probs", unit="row")
-    for p in range(n_parts):
-        part_rows = rows[p * PART_ROWS:(p + 1) * PART_ROWS]
-        path = entry / f"part{p:05d}.safetensors"
-        ids = torch.tensor([r.index for r in part_rows])
+    bar = tqdm(total=n, desc="reference log-probs", unit="row")
+    for lo in range(0, n, PART_ROWS):
+        hi = min(lo + PART_ROWS, n)
+        path = entry / f"part{lo // PART_ROWS:05d}.safetensors"
+        ids = torch.arange(lo, hi)
         if path.exists():
             try:
                 t = load_file(str(path))
                 if torch.equal(t["index"], ids):
                     out.update(zip(ids.tolist(), t["logps"]))
-                    bar.update(len(part_rows))
+                    bar.update(hi - lo)
                     continue
             except Exception:  # a damaged part is recomputed
                 pass
         chunks = []
-        for b in range(0, len(part_rows), batch_size):
-            chunks.append(compute(part_rows[b:b + batch_size]).float().cpu())
+        for b in range(lo, hi, batch_size):
+            chunks.append(compute([rows[i] for i in range(b, min(b + batch_size, hi))]).float().cpu())
             bar.update(len(chunks[-1]))
         logps = torch.cat(chunks)
         tmp = path.with_suffix(".tmp")
         save_file({"index": ids, "logps": logps.contiguous()}, str(tmp))
         os.replace(tmp, path)
         out.update(zip(ids.tolist(), logps))
-        computed += len(part_rows)
+        computed += hi - lo
     bar.close()
-    log(f"reference log-probs: {len(rows) - computed} rows from {entry}, {computed} computed")
+    log(f"reference log-probs: {n - computed} rows from {entry}, {computed} computed")
     return out

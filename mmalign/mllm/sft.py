@@ -7,11 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
-
-from ..core.config import ConfigError, bounded
-from ..datasets.records import SkipReport
-from .data import Encoder, ListDataset, finish_dataset
+from ..core.config import ConfigError, bounded, not_identity
 from .encoding import pad_batch, pad_id_of
 from .logps import token_logps
 from .models import VLModelConfig, load_vlm, prepare_trainable, save_vlm
@@ -27,6 +23,9 @@ class VLConversationDataConfig:
     # 0 = the model's maximum, a longer row is a counted skip; N (<= the model's maximum): longer rows are cut,
     # only after their last image token
     max_length: int = bounded(0, 0)
+    cache_dir: str = not_identity("")  # encoded rows (mllm/sharded.py); "" = <output_dir>/data_cache
+    shard_rows: int = bounded(128, 1, identity=False)  # source rows per cache shard (in the cache key)
+    encode_workers: int = bounded(0, 0, identity=False)  # processes decoding and encoding shards
 
 
 @dataclass
@@ -73,26 +72,14 @@ class MLLMSFT:
             return rec.messages
         return steer_messages(rec.messages, rec.meta.get("attributes", {}), names)
 
-    def dataset(self) -> tuple[ListDataset, SkipReport]:
-        from ..datasets.vl_records import load_images, read_vl_conversations
+    def dataset(self):
+        from .sharded import encode_rows
 
-        d = self.cfg.data
-        records, report = read_vl_conversations(d.path, bad_rows=d.bad_rows, image_root=d.image_root or None)
-        enc = Encoder(self.processor, self.model_config, d.max_length or None, d.bad_rows, report)
-        rows = []
-        for i, rec in enumerate(tqdm(records, desc="encode conversations", unit="row")):
-            where = rec.where or f"conversation {i}"
-            try:
-                msgs = self.messages(rec)
-            except ValueError as e:
-                enc.skip(e, where)
-                continue
-            row = enc.conversation(i, msgs, load_images(rec), where)
-            if row is not None:
-                rows.append(row)
-        dataset = finish_dataset(rows, report, "conversations", d.path)
+        dataset, self.data_key = encode_rows("conversations", self.cfg.data, self.cfg.model.pretrained,
+                                             self.processor, self.model_config, self.output_dir,
+                                             steer=self.cfg.steer.attributes)
         self.pad_id = pad_id_of(self.processor)
-        return dataset, report
+        return dataset, dataset.report
 
     def collate(self, rows) -> dict:
         return pad_batch(rows, self.pad_id)
