@@ -46,9 +46,8 @@ class HighNoiseTraining(VideoTemporalTraining):
         super().__init__(*args, **kwargs)
         self.t_min = t_min
 
-    def sample_t(self, n: int, device) -> torch.Tensor:
-        top = self.parts.noise_scheduler.config.num_train_timesteps
-        return torch.randint(self.t_min, top, (n,), device=device)
+    def sample_t(self, rows, device=None, shape=(), low: int = 0) -> torch.Tensor:
+        return super().sample_t(rows, device, shape, max(low, self.t_min))
 
 
 def evaluate(adapter_dir: str, n: int, steps: int, guidance: float, seed: int = EVAL_SEED) -> dict:

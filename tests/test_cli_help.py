@@ -169,7 +169,7 @@ def test_absurd_resolution_refused_before_encoding(resolution, problem, monkeypa
 def test_off_native_resolution_warns_before_encoding(monkeypatch, capsys):
     import mmalign.diffusion.preference as pref
 
-    def encode(parts, path, res, *rest):
+    def encode(parts, path, res, *rest, **options):
         assert "warning: data.resolution: training at 128 px, the model's native size is 64 px" in \
             capsys.readouterr().out
         raise Encoded(res)
@@ -188,14 +188,15 @@ def test_native_resolution_is_silent(resolution, capsys):
 
 def test_sft_and_video_check_the_resolution_first(monkeypatch):
     import mmalign.diffusion.sft as sft
+    import mmalign.video.data as video_data
     import mmalign.video.methods as video
 
-    monkeypatch.setattr(sft, "read_caption_folder", lambda *a: pytest.fail("read before the check"))
+    monkeypatch.setattr(sft, "build_caption_latents", lambda *a: pytest.fail("read before the check"))
     m = sft.DiffusionSFT(sft.SFTConfig(sft.ModelConfig("m"), sft.DataConfig("d", resolution=4096)), "out")
     m.parts = fake_parts()
     with pytest.raises(ConfigError, match="data.resolution"):
         m.dataset()
-    monkeypatch.setattr(video, "shapeworld_clips", lambda *a: pytest.fail("made clips before the check"))
+    monkeypatch.setattr(video_data, "ShapeWorldClips", lambda *a: pytest.fail("made clips before the check"))
     cfg = video.VideoConfig(video.VideoModelConfig("m"), video.VideoDataConfig(shapeworld_clips=4, resolution=36))
     v = video.VideoTemporalTraining(cfg, "out")
     v.parts = fake_parts()

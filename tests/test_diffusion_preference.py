@@ -136,8 +136,8 @@ def test_caption_dropout_and_flip_shared_by_pair(tmp_path, tiny_sd_dir, pairs_di
     im = Image.open(pairs_dir / "images/000000_0.png").convert("RGB")
     with torch.no_grad():  # view 1 of the cache is the VAE posterior of the flipped image
         want = m.parts.vae.encode(preprocess(im, 32, flip=True)[0][None]).latent_dist.mean[0]
-    assert torch.allclose(m.data.t["mean_w"][0, 1], want, atol=1e-5)
-    assert not torch.allclose(m.data.t["mean_w"][0, 0], want, atol=1e-2)
+    assert torch.allclose(m.data[0]["mean_w"][1], want, atol=1e-5)
+    assert not torch.allclose(m.data[0]["mean_w"][0], want, atol=1e-2)
 
 
 def test_sdxl_time_ids_use_real_sizes(tmp_path, tiny_sdxl_dir, pairs_dir):

@@ -14,6 +14,10 @@ A method is a plain class registered by name in `core/registry.py`. What the CLI
 7. `save_pretrained(policy, out_dir)`: export the unwrapped policy in its family's native format (diffusers,
    PEFT, transformers). Main process only.
 
+Optional: `wants_row_seed = True` (class attribute) makes the loop add `batch["row_seed"]` (LongTensor [B]) after
+`collate`; `loss` then draws its randomness per row with `core.row_rng.RowRandom.of(batch)`, so a run trains the
+same whatever its batch size x accumulation x process layout (the latent-diffusion methods do this).
+
 A method never touches the loop's internals (optimizer, accelerator, checkpoints); the loop knows nothing about
 diffusion or LLaVA.
 """

@@ -1,7 +1,8 @@
 """What every latent-diffusion training method shares (image SFT, the pair objectives, the video methods): frozen
-encoders placed once, fresh posterior samples from cached (mean, std), caption dropout, timestep draws, the
-reference, batches, and the export of an image pipeline. A method subclasses `LatentDiffusionMethod` and defines
-`build`, `dataset` and `loss` (see mmalign.core.method.Method); its policy subclasses `UNetPolicy`.
+encoders placed once, fresh posterior samples from cached (mean, std), caption dropout, timestep draws (every
+draw per row, from a `core.row_rng.RowRandom`: the same in any batch/process layout), the reference, batches,
+and the export of an image pipeline. A method subclasses `LatentDiffusionMethod` and defines `build`, `dataset` and
+`loss` (see mmalign.core.method.Method); its policy subclasses `UNetPolicy`.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from ..core.config import ConfigError
 from ..core.reference import make_reference
+from ..core.row_rng import RowRandom
 from .lora import save_unet_lora
 from .pipeline import SDComponents, load_sd_components, pipeline_class
 
@@ -33,6 +35,7 @@ class LatentDiffusionMethod:
     conditioning (set by `dataset()`); `self.ref`: the reference strategy (`attach_reference`)."""
 
     needs_reference = False
+    wants_row_seed = True  # the trainer attaches batch["row_seed"]: every draw is per row (core.row_rng)
 
     def __init__(self, cfg, output_dir: str):
         self.cfg, self.output_dir = cfg, output_dir
@@ -83,24 +86,28 @@ class LatentDiffusionMethod:
     def collate(self, rows: list[dict]) -> dict:
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
-    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        """A fresh sample of the cached VAE posterior, times the VAE's scaling factor."""
-        return (mean + std * torch.randn_like(std)) * self.parts.vae.config.scaling_factor
+    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, rows: RowRandom,
+                       name: str = "latent") -> torch.Tensor:
+        """A fresh sample of the cached VAE posterior, times the VAE's scaling factor (draw `name`)."""
+        eps = rows.randn(name, std.shape[1:], std.device, std.dtype)
+        return (mean + std * eps) * self.parts.vae.config.scaling_factor
 
-    def drop_captions(self, cond: dict[str, torch.Tensor], p: float) -> dict[str, torch.Tensor]:
+    def drop_captions(self, cond: dict[str, torch.Tensor], p: float, rows: RowRandom,
+                      name: str = "caption_dropout") -> dict[str, torch.Tensor]:
         """Each row's caption (every key of `self.empty` in `cond`, together) replaced by the empty caption's
-        with probability `p`: one draw per row."""
+        with probability `p`: one draw per row (draw `name`; none when p <= 0)."""
         if p <= 0:
             return cond
         first = next(iter(cond.values()))
-        drop = torch.rand(len(first), device=first.device) < p
+        drop = rows.rand(name, first.device) < p
         return {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), self.empty[k].to(v), v) if k in self.empty
                 else v for k, v in cond.items()}
 
-    def sample_t(self, n: int, device: torch.device | None = None) -> torch.Tensor:
-        """One training timestep per row, uniform over the scheduler's range."""
-        return torch.randint(0, self.parts.noise_scheduler.config.num_train_timesteps, (n,),
-                             device=self.device if device is None else device)
+    def sample_t(self, rows: RowRandom, device: torch.device | None = None, shape: tuple = (),
+                 low: int = 0) -> torch.Tensor:
+        """Training timesteps [n, *shape], uniform over [low, the scheduler's range) (draw "t")."""
+        return rows.randint("t", low, self.parts.noise_scheduler.config.num_train_timesteps,
+                            self.device if device is None else device, shape)
 
     # --- data and export -----------------------------------------------------------------------------------
 

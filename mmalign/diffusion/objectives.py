@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.row_rng import RowRandom, split_pairs
 from .inversion import Trajectory, ddim_invert, eps_from_prediction, inversion_grid, inversion_trajectory
 from .inversion_dpo import inversion_dpo_loss
 from .losses import bco_loss, cca_loss, diffusion_dpo_loss, inpo_target, per_sample_mse, sft_loss
@@ -22,11 +23,11 @@ from .preference import DiffusionPreference, cat_cond
 
 class DiffusionDPO(DiffusionPreference):
     def loss(self, policy, batch):
-        lat_w, lat_l, view = self.pair_latents(batch)
-        cond_w, cond_l = self.pair_cond(batch, view)
-        n = len(lat_w)
-        noise = torch.randn_like(lat_w).repeat(2, 1, 1, 1)
-        t = self.sample_t(n).repeat(2)
+        rows = RowRandom.of(batch)
+        lat_w, lat_l, view = self.pair_latents(batch, rows)
+        cond_w, cond_l = self.pair_cond(batch, view, rows)
+        noise = rows.randn("noise", lat_w.shape[1:], lat_w.device, lat_w.dtype).repeat(2, 1, 1, 1)
+        t = self.sample_t(rows, lat_w.device).repeat(2)
         x0 = torch.cat([lat_w, lat_l])
         x_t = self.parts.noise_scheduler.add_noise(x0, noise, t)
         cond = cat_cond(cond_w, cond_l)
@@ -50,10 +51,11 @@ class DiffusionSFTWinners(DiffusionPreference):
     needs_reference = False
 
     def loss(self, policy, batch):
-        lat_w, _, view = self.pair_latents(batch)
-        cond_w, _ = self.pair_cond(batch, view)
-        noise = torch.randn_like(lat_w)
-        t = self.sample_t(len(lat_w))
+        rows = RowRandom.of(batch)
+        lat_w, _, view = self.pair_latents(batch, rows)
+        cond_w, _ = self.pair_cond(batch, view, rows)
+        noise = rows.randn("noise", lat_w.shape[1:], lat_w.device, lat_w.dtype)
+        t = self.sample_t(rows, lat_w.device)
         sched = self.parts.noise_scheduler
         pred = policy(sched.add_noise(lat_w, noise, t), t, cond_w)
         return sft_loss(per_sample_mse(pred, diffusion_target(sched, lat_w, noise, t)))
@@ -76,13 +78,14 @@ class InPO(DiffusionPreference):
 
     def loss(self, policy, batch):
         o, sched = self.cfg.objective, self.parts.noise_scheduler
-        lat_w, lat_l, view = self.pair_latents(batch)
-        cond = cat_cond(*self.pair_cond(batch, view))
-        n = len(lat_w)
+        rows = RowRandom.of(batch)
+        lat_w, lat_l, view = self.pair_latents(batch, rows)
+        cond = cat_cond(*self.pair_cond(batch, view, rows))
         grid = inversion_grid(sched.config.num_train_timesteps, o.inversion_grid_steps)
-        t = (grid[0] + torch.randint(0, sched.config.num_train_timesteps - grid[0], (n,), device=self.device)).repeat(2)
+        t = self.sample_t(rows, self.device, low=int(grid[0])).repeat(2)  # one t per pair, above the grid's start
         x0 = torch.cat([lat_w, lat_l])
-        noise = torch.randn(2 * n, len(grid) + 1, *x0.shape[1:], device=x0.device) if o.inversion_noise else None
+        noise = split_pairs(rows.randn("inversion_noise", (2, len(grid) + 1, *x0.shape[1:]), x0.device)) \
+            if o.inversion_noise else None  # each image its own
         with torch.no_grad():
             eps_policy = EpsModel(policy, cond, sched.config.prediction_type, self.abar)
             x_t = ddim_invert(eps_policy, x0, t, self.abar, grid, noise_scale=o.inversion_noise, noise=noise,
@@ -101,8 +104,9 @@ class InversionDPO(DiffusionPreference):
 
     def loss(self, policy, batch):
         o, sched = self.cfg.objective, self.parts.noise_scheduler
-        lat_w, lat_l, view = self.pair_latents(batch)
-        cond_w, cond_l = self.pair_cond(batch, view)
+        rows = RowRandom.of(batch)
+        lat_w, lat_l, view = self.pair_latents(batch, rows)
+        cond_w, cond_l = self.pair_cond(batch, view, rows)
         kind, n = sched.config.prediction_type, len(lat_w)
         both = cat_cond(cond_w, cond_l)
         ref_eps = EpsModel(self.ref_forward, both, kind, self.abar)
@@ -120,15 +124,17 @@ class DiffusionCCA(DiffusionPreference):
 
     def loss(self, policy, batch):
         o, sched = self.cfg.objective, self.parts.noise_scheduler
-        lat, _, view = self.pair_latents(batch)
-        pos, _ = self.pair_cond(batch, view)
+        rows = RowRandom.of(batch)
+        lat, _, view = self.pair_latents(batch, rows)
+        pos, _ = self.pair_cond(batch, view, rows)
         n = len(lat)
         if n < 2:
             raise ValueError("diffusion_cca needs batch_size >= 2 (negatives are the other rows' captions)")
         neg = {k: (v if k == "time_ids" else v.roll(-1, dims=0)) for k, v in pos.items()}
-        pos = self.drop_captions(pos, o.cca_uncond_ratio)  # null-condition positives (time_ids kept)
-        noise = torch.randn_like(lat).repeat(2, 1, 1, 1)
-        t = self.sample_t(n).repeat(2)
+        # null-condition positives (time_ids kept); a draw of its own, apart from caption_dropout
+        pos = self.drop_captions(pos, o.cca_uncond_ratio, rows, "cca_uncond")
+        noise = rows.randn("noise", lat.shape[1:], lat.device, lat.dtype).repeat(2, 1, 1, 1)
+        t = self.sample_t(rows, lat.device).repeat(2)
         x0 = lat.repeat(2, 1, 1, 1)
         x_t = sched.add_noise(x0, noise, t)
         cond = cat_cond(pos, neg)
@@ -150,11 +156,12 @@ class DiffusionBCO(DiffusionPreference):
 
     def loss(self, policy, batch):
         o, sched = self.cfg.objective, self.parts.noise_scheduler
-        lat_w, lat_l, view = self.pair_latents(batch)
-        cond = cat_cond(*self.pair_cond(batch, view))
+        rows = RowRandom.of(batch)
+        lat_w, lat_l, view = self.pair_latents(batch, rows)
+        cond = cat_cond(*self.pair_cond(batch, view, rows))
         x0 = torch.cat([lat_w, lat_l])
-        noise = torch.randn_like(x0)
-        t = self.sample_t(len(x0))
+        noise = split_pairs(rows.randn("noise", (2, *x0.shape[1:]), x0.device, x0.dtype))  # each image its own
+        t = split_pairs(self.sample_t(rows, x0.device, shape=(2,)))
         x_t = sched.add_noise(x0, noise, t)
         target = diffusion_target(sched, x0, noise, t)
         err = per_sample_mse(policy(x_t, t, cond), target)

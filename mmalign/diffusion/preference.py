@@ -6,6 +6,7 @@ Every method trains the UNet (full or LoRA) against frozen, cached text and imag
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from ..core.config import ConfigError, bounded, not_identity
+from ..core.row_rng import RowRandom
 from ..datasets.records import SkipReport
 from .latent_method import LatentDiffusionMethod, UNetPolicy
 from .lora import ATTENTION_PROJECTIONS, add_lora
@@ -40,8 +42,11 @@ class PairDataConfig:
     bad_rows: Literal["skip", "error"] = "skip"  # skip: counted, reported
     caption_dropout: float = bounded(0.0, 0, 1)  # per pair: both images lose the caption together (Salesforce: 0.2)
     random_flip: bool = False  # per pair: both images flipped together
-    cache_dir: str = not_identity(".cache/mmalign")  # "" disables the persistent latent/text cache
+    cache_dir: str = not_identity(".cache/mmalign")  # encoded pairs (sharded); "": <output_dir>/data_cache, this run's
     encode_batch: int = bounded(8, 1, identity=False)  # pairs per VAE call (x2 images, x2 again with flips): mind 1024 px
+    # source rows per cache shard (in the cache key): memory while encoding ~ (1 + 2 x encode_workers) shards of pixels
+    shard_rows: int = bounded(256, 1, identity=False)  # (6 MB a pair at 1024 px): lower it for 1024 px
+    encode_workers: int = bounded(0, 0, identity=False)  # processes decoding images while the main one encodes
 
 
 @dataclass
@@ -105,8 +110,10 @@ class DiffusionPreference(LatentDiffusionMethod):
     def dataset(self) -> tuple[PairTensors, SkipReport]:
         d = self.cfg.data
         res = self.data_resolution()
+        cache = d.cache_dir or os.path.join(self.output_dir, "data_cache")  # never in memory: 1 M pairs are ~1 TB
         self.data, report = build_pair_tensors(self.parts, d.path, res, d.random_flip, d.ties, d.bad_rows,
-                                               self.device, d.cache_dir or None, d.encode_batch)
+                                               self.device, cache, d.encode_batch, shard_rows=d.shard_rows,
+                                               encode_workers=d.encode_workers)
         self.resolution = res
         self.empty = self.data.empty_cond()
         for enc in self.encoders():  # everything they produce is cached: free the accelerator's memory
@@ -115,19 +122,25 @@ class DiffusionPreference(LatentDiffusionMethod):
 
     # --- per-pair augmentation and conditioning ------------------------------------------------------------
 
-    def pair_latents(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fresh posterior samples of winner and loser, both in the same orientation; returns the view too."""
+    def pair_latents(self, batch: dict, rows: RowRandom | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fresh posterior samples of winner and loser, both in the same orientation; returns the view too.
+        `rows`: the batch's RowRandom (default: a new one from `batch`)."""
+        rows = RowRandom.of(batch) if rows is None else rows
         n, views = batch["mean_w"].shape[:2]
-        view = torch.randint(0, views, (n,), device=batch["mean_w"].device)
+        view = rows.randint("view", 0, views, batch["mean_w"].device)
         pick = lambda x: x[torch.arange(n, device=x.device), view]  # noqa: E731
-        lat = [self.sample_latents(pick(batch[f"mean_{s}"]), pick(batch[f"std_{s}"])) for s in ("w", "l")]
+        lat = [self.sample_latents(pick(batch[f"mean_{s}"]), pick(batch[f"std_{s}"]), rows, f"latent_{s}")
+               for s in ("w", "l")]
         return lat[0], lat[1], view
 
-    def pair_cond(self, batch: dict, view: torch.Tensor) -> tuple[dict, dict]:
+    def pair_cond(self, batch: dict, view: torch.Tensor, rows: RowRandom | None = None) -> tuple[dict, dict]:
         """(cond of winners, cond of losers): the same caption (dropped for both with caption_dropout) and, for
-        SDXL, each image's own original size and crop."""
+        SDXL, each image's own original size and crop. `rows`: as in `pair_latents`."""
+        rows = RowRandom.of(batch) if rows is None else rows
         n = len(view)
-        cond = self.drop_captions({k: batch[k] for k in ("ctx", "pooled") if k in batch}, self.cfg.data.caption_dropout)
+        cond = self.drop_captions({k: batch[k] for k in ("ctx", "pooled") if k in batch},
+                                  self.cfg.data.caption_dropout, rows)
         if "pooled" not in cond:
             return cond, dict(cond)
         target = (self.resolution, self.resolution)

@@ -6,15 +6,17 @@ encoded once when the text encoder is frozen: training never runs the VAE encode
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
-from torchvision.transforms import v2 as T
 
 from ..core.config import bounded
-from ..datasets.records import SkipReport, open_rgb, read_caption_folder
+from ..core.row_rng import RowRandom
+from ..datasets.records import SkipReport
+from .caption_tensors import CachedLatents, build_caption_latents
 from .latent_method import LatentDiffusionMethod, UNetPolicy
 from .lora import ATTENTION_PROJECTIONS, add_lora
 from .losses import per_sample_mse, sft_loss
@@ -37,7 +39,10 @@ class DataConfig:
     caption_dropout: float = bounded(0.0, 0, 1)  # probability of training on the empty prompt (for CFG)
     random_flip: bool = False  # off by default: a flip contradicts "left of" captions
     bad_rows: Literal["skip", "error"] = "skip"  # skip: counted, reported
-    encode_batch: int = bounded(32, 1, identity=False)
+    encode_batch: int = bounded(32, 1, identity=False)  # images per VAE call
+    # source rows per shard of the encoded cache (<output_dir>/data_cache; in its key)
+    shard_rows: int = bounded(256, 1, identity=False)
+    encode_workers: int = bounded(0, 0, identity=False)  # processes decoding images while the main one encodes
 
 
 @dataclass
@@ -56,17 +61,6 @@ class Denoiser(UNetPolicy):
     def forward(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         ctx = self.text_encoder(text)[0] if self.text_encoder is not None else text
         return self.unet(noisy, t, ctx).sample
-
-
-class CachedLatents(torch.utils.data.Dataset):
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, text: torch.Tensor):
-        self.mean, self.std, self.text = mean, std, text
-
-    def __len__(self):
-        return len(self.mean)
-
-    def __getitem__(self, i):
-        return {"mean": self.mean[i], "std": self.std[i], "text": self.text[i]}
 
 
 class DiffusionSFT(LatentDiffusionMethod):
@@ -93,46 +87,25 @@ class DiffusionSFT(LatentDiffusionMethod):
         return torch.cat([te(ids[i:i + 256].to(self.device))[0].cpu() for i in range(0, len(ids), 256)])
 
     def dataset(self) -> tuple[CachedLatents, SkipReport]:
+        """Rows read lazily from a sharded cache under <output_dir>/data_cache (`caption_tensors`): mean, std
+        and text (embeddings, or token ids when the text encoder trains); with random_flip, each image's two
+        orientations are rows 2k, 2k + 1."""
         d, p = self.cfg.data, self.parts
         res = self.data_resolution()
-        rows, report = read_caption_folder(d.path, d.bad_rows)
-        prep = T.Compose([T.Resize(res), T.CenterCrop(res), T.PILToTensor(), T.ToDtype(torch.float32, scale=True),
-                          T.Normalize([0.5] * 3, [0.5] * 3)])
-        pending, captions, means, stds = [], [], [], []
-
-        def encode() -> None:
-            x = torch.stack([px for px, _ in pending]).to(self.device)
-            caps = [c for _, c in pending]
-            if d.random_flip:  # both orientations become rows: sampling rows samples flips
-                x, caps = torch.cat([x, x.flip(-1)]), caps + caps
-            with torch.no_grad():
-                post = p.vae.encode(x).latent_dist
-            means.append(post.mean.cpu())
-            stds.append(post.std.cpu())
-            captions.extend(caps)
-            pending.clear()
-
-        report.kept = 0
-        for r in rows:  # decode everything now, so a bad image is a counted skip, never a crash mid-epoch
-            im = open_rgb(r.image_path, report, d.bad_rows, str(r.image_path))
-            if im is None:
-                continue
-            report.kept += 1
-            pending.append((prep(im), r.caption))
-            if len(pending) == d.encode_batch:
-                encode()
-        if pending:
-            encode()
+        data, report = build_caption_latents(
+            p, d.path, res, d.random_flip, d.bad_rows, "ids" if self.cfg.model.train_text_encoder else "embeddings",
+            self.encode_text, self.device, os.path.join(self.output_dir, "data_cache"), d.encode_batch,
+            d.shard_rows, d.encode_workers)
         self.require_rows(report, d.path)
         self.empty = {"text": self.encode_text([""])[0]}
-        return CachedLatents(torch.cat(means), torch.cat(stds), self.encode_text(captions)), report
+        return data, report
 
     def loss(self, policy: nn.Module, batch: dict):
-        sched = self.parts.noise_scheduler
-        latents = self.sample_latents(batch["mean"], batch["std"])
-        text = self.drop_captions({"text": batch["text"]}, self.cfg.data.caption_dropout)["text"]
-        noise = torch.randn_like(latents)
-        t = self.sample_t(len(latents), latents.device)
+        sched, rows = self.parts.noise_scheduler, RowRandom.of(batch)  # per-row draws (core.row_rng)
+        latents = self.sample_latents(batch["mean"], batch["std"], rows)
+        text = self.drop_captions({"text": batch["text"]}, self.cfg.data.caption_dropout, rows)["text"]
+        noise = rows.randn("noise", latents.shape[1:], latents.device, latents.dtype)
+        t = self.sample_t(rows, latents.device)
         pred = policy(sched.add_noise(latents, noise, t), t, text)
         return sft_loss(per_sample_mse(pred, diffusion_target(sched, latents, noise, t)))
 

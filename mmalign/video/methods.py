@@ -2,7 +2,8 @@
 inflated with motion modules (temporal.py).
 
 Both encode every clip once (the image VAE, frame by frame; posterior mean and std cached as (C, F, h, w)) and
-every caption once (the frozen text encoder). A step draws one t per video and noise of the video's shape.
+every caption once (the frozen text encoder), into a sharded on-disk cache read lazily (video/data.py). A step
+draws one t per video and noise of the video's shape.
 
 | method         | data                                   | loss                                                    |
 |----------------|----------------------------------------|---------------------------------------------------------|
@@ -23,13 +24,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..core.config import ConfigError, bounded
+from ..core.config import ConfigError, bounded, not_identity
+from ..core.row_rng import RowRandom
 from ..datasets.records import SkipReport
 from ..diffusion.latent_method import LatentDiffusionMethod, UNetPolicy
 from ..diffusion.lora import add_lora
 from ..diffusion.losses import diffusion_dpo_loss, per_sample_mse, sft_loss
 from ..diffusion.pipeline import diffusion_target, encode_prompts
-from .clips import TensorRows, encode_clips, read_clip_folder, shapeworld_clips
 from .temporal import LORA_PLACEMENTS, MotionSpec, add_alpha_blend, inflate, repeat_per_frame, set_trainable
 
 
@@ -59,6 +60,9 @@ class VideoDataConfig:
     ties: Literal["drop", "error"] = "drop"
     bad_rows: Literal["skip", "error"] = "skip"
     encode_batch: int = bounded(64, 1, identity=False)  # frames per VAE call
+    cache_dir: str = not_identity("")  # the encoded clips' sharded cache; "": <output_dir>/data_cache
+    shard_rows: int = bounded(32, 1, identity=False)  # source rows per cache shard (cache key); decoded at once
+    encode_workers: int = bounded(0, 0, identity=False)  # processes decoding clips while the main one encodes
 
 
 @dataclass
@@ -127,12 +131,12 @@ class VideoMethod(LatentDiffusionMethod):
     def resolution(self) -> int:
         return self.data_resolution()  # checked once, after the models load
 
-    def latents(self, batch: dict, side: str = "") -> torch.Tensor:
-        """A fresh posterior sample, scaled: (B, C, F, h, w)."""
-        return self.sample_latents(batch[f"mean{side}"], batch[f"std{side}"])
+    def latents(self, batch: dict, rows: RowRandom, side: str = "") -> torch.Tensor:
+        """A fresh posterior sample, scaled: (B, C, F, h, w) (draw "latent<side>")."""
+        return self.sample_latents(batch[f"mean{side}"], batch[f"std{side}"], rows, f"latent{side}")
 
-    def captions(self, batch: dict) -> torch.Tensor:
-        return self.drop_captions({"ctx": batch["ctx"]}, self.cfg.data.caption_dropout)["ctx"]
+    def captions(self, batch: dict, rows: RowRandom) -> torch.Tensor:
+        return self.drop_captions({"ctx": batch["ctx"]}, self.cfg.data.caption_dropout, rows)["ctx"]
 
     def save_pretrained(self, policy: nn.Module, out_dir: str) -> None:
         """`out_dir/motion_adapter` (MotionAdapter) and `out_dir/pipeline` (AnimateDiffPipeline directory)."""
@@ -145,28 +149,19 @@ class VideoTemporalTraining(VideoMethod):
     """Denoising loss on video latents; only the temporal parameters (motion modules, alpha, LoRA) train.
     In-memory data: `data=[(caption, frames), ...]`."""
 
-    def dataset(self) -> tuple[TensorRows, SkipReport]:
-        d, res = self.cfg.data, self.resolution  # the resolution is checked before anything decodes
-        if self.data is not None:
-            clips, report = list(self.data), SkipReport(total=len(self.data), kept=len(self.data))
-        elif d.path:
-            clips, report = read_clip_folder(d.path, d.num_frames, d.bad_rows)
-        elif d.shapeworld_clips:
-            clips = shapeworld_clips(d.shapeworld_clips, d.seed, d.num_frames, res)
-            report = SkipReport(total=len(clips), kept=len(clips))
-        else:
-            raise ConfigError("data: set data.path or data.shapeworld_clips")
-        self.require_rows(report, d.path or "in-memory data")
-        mean, std = encode_clips(self.parts.vae, [f for _, f in clips], res, self.device, d.encode_batch,
-                                 d.num_frames)
-        return TensorRows(mean=mean, std=std, ctx=self.encode_captions([c for c, _ in clips])), report
+    def dataset(self) -> tuple[torch.utils.data.Dataset, SkipReport]:
+        """Rows {mean, std, ctx}: sharded on disk, or TensorRows for in-memory data (video/data.py)."""
+        from .data import temporal_dataset
+
+        return temporal_dataset(self)
 
     def loss(self, policy, batch):
-        x0 = self.latents(batch)
-        noise = torch.randn_like(x0)
-        t = self.sample_t(len(x0), x0.device)
+        rows = RowRandom.of(batch)  # per-row draws (core.row_rng)
+        x0 = self.latents(batch, rows)
+        noise = rows.randn("noise", x0.shape[1:], x0.device, x0.dtype)
+        t = self.sample_t(rows, x0.device)
         sched = self.parts.noise_scheduler
-        pred = policy(sched.add_noise(x0, noise, t), t, self.captions(batch))
+        pred = policy(sched.add_noise(x0, noise, t), t, self.captions(batch, rows))
         return sft_loss(per_sample_mse(pred, diffusion_target(sched, x0, noise, t)))
 
 
@@ -187,28 +182,18 @@ class VideoDiffusionDPO(VideoMethod):
 
     needs_reference = True
 
-    def dataset(self) -> tuple[TensorRows, SkipReport]:
-        d, res = self.cfg.data, self.resolution  # the resolution is checked before anything decodes
-        if self.data is not None:
-            pairs, report = list(self.data), SkipReport(total=len(self.data), kept=len(self.data))
-        elif d.path:
-            from ..datasets.video import read_video_pairs
+    def dataset(self) -> tuple[torch.utils.data.Dataset, SkipReport]:
+        """Rows {mean_w, std_w, mean_l, std_l, ctx}: sharded on disk, or TensorRows for in-memory data."""
+        from .data import pair_dataset
 
-            recs, report = read_video_pairs(d.path, d.num_frames, bad_rows=d.bad_rows, ties=d.ties)
-            pairs = [(r.caption, r.frames_w, r.frames_l) for r in recs]
-        else:
-            raise ConfigError("data.path: video_dpo needs pairs (or in-memory data)")
-        self.require_rows(report, d.path or "in-memory data")
-        enc = lambda k: encode_clips(self.parts.vae, [p[k] for p in pairs], res,  # noqa: E731
-                                     self.device, d.encode_batch, d.num_frames)
-        (mw, sw), (ml, sl) = enc(1), enc(2)
-        return TensorRows(mean_w=mw, std_w=sw, mean_l=ml, std_l=sl,
-                          ctx=self.encode_captions([p[0] for p in pairs])), report
+        return pair_dataset(self)
 
     def loss(self, policy, batch):
-        lat_w, lat_l = self.latents(batch, "_w"), self.latents(batch, "_l")
-        t = self.sample_t(len(lat_w), lat_w.device)
+        rows = RowRandom.of(batch)  # per-row draws (core.row_rng)
+        lat_w, lat_l = self.latents(batch, rows, "_w"), self.latents(batch, rows, "_l")
+        t = self.sample_t(rows, lat_w.device)
+        noise = rows.randn("noise", lat_w.shape[1:], lat_w.device, lat_w.dtype)  # shared by the pair
         err, ref_err = video_dpo_errors(policy, self.ref_forward, self.parts.noise_scheduler,
-                                        lat_w, lat_l, self.captions(batch), t, torch.randn_like(lat_w))
+                                        lat_w, lat_l, self.captions(batch, rows), t, noise)
         return diffusion_dpo_loss(*err.chunk(2), *ref_err.chunk(2), beta=self.cfg.objective.beta)
 
