@@ -136,8 +136,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: str, step: int, params: dict, optimizer: dict, scheduler: dict, trainer_state: dict,
-                    keep_last: int = 0, rank: int = 0, barrier: Callable[[], None] = lambda: None) -> str:
-    """Collective: every rank calls it (each writes its RNG state); rank 0 writes the rest."""
+                    keep_last: int = 0, rank: int = 0, barrier: Callable[[], None] = lambda: None,
+                    write_shards: Callable[[str], None] | None = None) -> str:
+    """Collective: every rank calls it (each writes its RNG state; `write_shards(tmp_dir)`, when given, writes
+    sharded state from every rank: FSDP2's DCP shards, DeepSpeed's engine files); rank 0 writes the rest."""
     final, tmp = step_dir(root, step), os.path.join(root, f".tmp-step-{step:08d}")
     if rank == 0:
         os.makedirs(root, exist_ok=True)
@@ -147,6 +149,8 @@ def save_checkpoint(root: str, step: int, params: dict, optimizer: dict, schedul
         os.makedirs(tmp)
     barrier()
     _write_torch(os.path.join(tmp, f"rng_rank{rank}.pt"), rng_state())
+    if write_shards is not None:
+        write_shards(tmp)
     barrier()
     if rank == 0:
         save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, os.path.join(tmp, "params.safetensors"))
@@ -154,7 +158,7 @@ def save_checkpoint(root: str, step: int, params: dict, optimizer: dict, schedul
         _write_torch(os.path.join(tmp, "optimizer.pt"), optimizer)
         _write_torch(os.path.join(tmp, "scheduler.pt"), scheduler)
         _write_text(os.path.join(tmp, "trainer_state.json"), json.dumps({"step": step, **trainer_state}, indent=1))
-        _fsync_dir(tmp)
+        fsync_tree(tmp)  # shard folders included
         if os.path.exists(final):  # same step saved by an earlier run: move it aside, cleaned next save
             os.rename(final, os.path.join(root, f".tmp-replaced-{step:08d}"))
         os.rename(tmp, final)
@@ -202,7 +206,26 @@ def load_checkpoint(path: str, rank: int = 0) -> dict:
         "optimizer": _read(path, "optimizer.pt", _torch),
         "scheduler": _read(path, "scheduler.pt", _torch),
         "rng": rngs.get(f"rng_rank{rank}.pt"),
+        "sharded": _check_sharded(path, "sharded") if os.path.isdir(os.path.join(path, "sharded")) else None,
+        "deepspeed": os.path.isdir(os.path.join(path, "deepspeed")),
     }
+
+
+def _check_sharded(path: str, name: str) -> str:
+    """The DCP folder `path/name` if its metadata reads and every shard file holds the bytes it lists;
+    else a CheckpointError (a truncated shard)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    folder = os.path.join(path, name)
+    meta = _read(path, os.path.join(name, ".metadata"), lambda _: FileSystemReader(folder).read_metadata())
+    need: dict[str, int] = {}
+    for info in (meta.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, size in sorted(need.items()):
+        file = os.path.join(folder, rel)
+        if not os.path.isfile(file) or os.path.getsize(file) < size:
+            raise CheckpointError(f"checkpoint {path}: {name}/{rel} is missing or truncated (needs {size} bytes)")
+    return folder
 
 
 def _candidates(root: str) -> list[str]:

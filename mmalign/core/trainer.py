@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
+from . import row_rng
 from .config import ConfigError, Experiment, TrainConfig, check_ranges, save_resolved
 from .method import Method
 
@@ -27,10 +29,13 @@ class NonFiniteLossError(RuntimeError):
 class StepBatchSampler:
     """Deterministic, resumable data order. Each epoch is a permutation seeded by (seed, epoch); optimizer step k
     uses perm[k*G:(k+1)*G] with G = batch_size * world * grad_accum (an epoch's incomplete tail is dropped);
-    micro-batch j of rank r is the slice starting at (j * world + r) * batch_size."""
+    micro-batch j of rank r is the slice starting at (j * world + r) * batch_size. With `with_epoch`, each index
+    comes as (epoch, index), the key of per-row randomness (core.row_rng.SeededRows)."""
 
-    def __init__(self, n_rows: int, cfg: TrainConfig, world: int, rank: int, start_step: int):
+    def __init__(self, n_rows: int, cfg: TrainConfig, world: int, rank: int, start_step: int,
+                 with_epoch: bool = False):
         self.n, self.b, self.accum, self.world, self.rank = n_rows, cfg.batch_size, cfg.grad_accum, world, rank
+        self.with_epoch = with_epoch
         self.seed, self.start, self.stop = cfg.seed, start_step, cfg.max_steps
         self.global_batch = self.b * world * self.accum
         self.steps_per_epoch = n_rows // self.global_batch
@@ -55,7 +60,8 @@ class StepBatchSampler:
             batch = perm[offset * self.global_batch:(offset + 1) * self.global_batch]
             for j in range(self.accum):
                 start = (j * self.world + self.rank) * self.b
-                yield batch[start:start + self.b].tolist()
+                rows = batch[start:start + self.b].tolist()
+                yield [(epoch, i) for i in rows] if self.with_epoch else rows
 
 
 def _make_optimizer(cfg: TrainConfig, params):
@@ -149,6 +155,19 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _restore(path, state, acc, model, optimizer, scheduler) -> int:
     ts = state["trainer_state"]
+    if distributed.strategy(acc) != "ddp":  # FSDP2 / DeepSpeed: sharded or gathered state
+        distributed.restore_state(acc, model, optimizer, state, path)
+    else:
+        _restore_plain(path, state, acc.unwrap_model(model), optimizer)
+    scheduler.load_state_dict(state["scheduler"])
+    if state["rng"] is not None:
+        ckpt.set_rng_state(state["rng"])
+    elif acc.is_main_process:
+        print(f"warning: {path} has no RNG state for rank {acc.process_index}; random streams will differ")
+    return ts["step"]
+
+
+def _restore_plain(path, state, model, optimizer) -> None:
     params = _trainable(model)
     if set(params) != set(state["params"]):
         diff = sorted(set(params) ^ set(state["params"]))
@@ -157,12 +176,6 @@ def _restore(path, state, acc, model, optimizer, scheduler) -> int:
         for name, p in params.items():
             p.copy_(state["params"][name])
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if state["rng"] is not None:
-        ckpt.set_rng_state(state["rng"])
-    elif acc.is_main_process:
-        print(f"warning: {path} has no RNG state for rank {acc.process_index}; random streams will differ")
-    return ts["step"]
 
 
 def _guard_finite(acc, loss, batch, step: int, out_dir: str):
@@ -181,13 +194,15 @@ def _guard_finite(acc, loss, batch, step: int, out_dir: str):
 
 def train(exp: Experiment, method: Method) -> dict:
     """Run (or resume) training; return {'step', 'metrics', 'output_dir'}."""
-    cfg, out = exp.train, exp.output_dir
+    cfg = exp.train
     _check(cfg)
     if dataclasses.is_dataclass(exp.args):  # a method config built in Python skipped the loader's checks
         check_ranges(exp.args)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                       cpu=not torch.cuda.is_available())  # cpu=True lets torchrun on CPU use gloo
     try:
+        distributed.setup(acc)  # FSDP launches on CPU
+        distributed.check_world_size(acc)
         return _train(exp, method, acc)
     finally:  # let a later train() in this process pick other accelerate settings
         AcceleratorState._reset_state()
@@ -203,6 +218,7 @@ def _train(exp: Experiment, method: Method, acc: Accelerator) -> dict:
     global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
     _refuse_another_run_early(exp, ckpt_root, global_batch)
     policy = method.build(acc.device)
+    distributed.check_reference(method, acc)
     dataset, report = method.dataset()
     identity = ckpt.run_identity(exp, len(dataset), global_batch)
     resume_from, state, damaged = _load_resume(cfg, ckpt_root, identity, acc)
@@ -213,18 +229,23 @@ def _train(exp: Experiment, method: Method, acc: Accelerator) -> dict:
         raise ConfigError(f"data: no usable rows ({report.summary()})")
     optimizer = _make_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad])
     scheduler = _make_scheduler(cfg, optimizer)  # stepped by us once per optimizer step, not prepared
+    shell = distributed.export_shell(policy, acc)  # sharded runs: a meta-device copy to export into
     policy, optimizer = acc.prepare(policy, optimizer)
+    distributed.prepare_reference(method, acc)
     set_seed(cfg.seed, device_specific=True)  # per-rank streams (dropout, noise)
 
-    start = _restore(resume_from, state, acc, acc.unwrap_model(policy), optimizer, scheduler) if state else 0
+    start = _restore(resume_from, state, acc, policy, optimizer, scheduler) if state else 0
     del state
     metrics_path = os.path.join(out, "metrics.jsonl")
     acc.wait_for_everyone()  # every rank has read its checkpoint before the main process moves any
     if acc.is_main_process:
         _tidy_checkpoints(cfg, ckpt_root, damaged)
         _truncate_metrics(metrics_path, start)
-    sampler = StepBatchSampler(len(dataset), cfg, acc.num_processes, acc.process_index, start)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=method.collate, num_workers=cfg.num_workers,
+    seeded = row_rng.wants_row_seed(method)  # batches carry row_seed: per-row draws, the same in any layout
+    sampler = StepBatchSampler(len(dataset), cfg, acc.num_processes, acc.process_index, start, with_epoch=seeded)
+    rows, collate = ((row_rng.SeededRows(dataset, cfg.seed), row_rng.SeededCollate(method.collate)) if seeded
+                     else (dataset, method.collate))
+    loader = DataLoader(rows, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                         generator=torch.Generator().manual_seed(cfg.seed * 7919 + start))  # keeps global RNG untouched
 
     writer = None
@@ -235,10 +256,13 @@ def _train(exp: Experiment, method: Method, acc: Accelerator) -> dict:
     step, sums, last, t0, stopped = start, {}, {}, time.time(), ""
 
     def save(step):
+        params, opt_state, shards = distributed.checkpoint_state(acc, policy, optimizer,
+                                                                 _trainable(acc.unwrap_model(policy)))
         ckpt.save_checkpoint(
-            ckpt_root, step, _trainable(acc.unwrap_model(policy)), optimizer.state_dict(), scheduler.state_dict(),
+            ckpt_root, step, params, opt_state, scheduler.state_dict(),
             dict(zip(("epoch", "offset"), sampler.position(step)), global_batch=sampler.global_batch,
-                 world_size=acc.num_processes, identity=identity), cfg.keep_last, acc.process_index, acc.wait_for_everyone)
+                 world_size=acc.num_processes, identity=identity), cfg.keep_last, acc.process_index, acc.wait_for_everyone,
+            shards)
 
     for batch in loader:
         batch = send_to_device(batch, acc.device)
@@ -282,8 +306,9 @@ def _train(exp: Experiment, method: Method, acc: Accelerator) -> dict:
     if writer:
         writer.close()
     acc.wait_for_everyone()
+    full = distributed.full_policy(acc, policy, shell)  # collective: gathers a sharded policy
     if acc.is_main_process:
-        _export(method, acc.unwrap_model(policy), out)
+        _export(method, full, out)
     acc.wait_for_everyone()
     return {"step": step, "metrics": last, "output_dir": out, **({"stopped": stopped} if stopped else {})}
 
