@@ -140,3 +140,31 @@ def test_random_flip_keeps_captions_aligned_with_latents(tmp_path, tiny_sd_dir, 
             with torch.no_grad():
                 want = flip.parts.vae.encode(x).latent_dist.mean[0]
             assert torch.allclose(b["mean"], want, atol=1e-4)
+
+
+def test_cache_dir_is_used_and_a_changed_image_is_a_new_entry(tmp_path, tiny_sd_dir, shapeworld_folder):
+    import os
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapeworld_folder, data)
+    cache = tmp_path / "cache"
+    recipe = write_recipe(tmp_path, tiny_sd_dir, data, data={"cache_dir": str(cache)})
+    exp = load_experiment(recipe, [], SFTConfig)
+
+    def entry_of():
+        method = DiffusionSFT(exp.args, exp.output_dir)
+        method.build(torch.device("cpu"))
+        rows, _ = method.dataset()
+        return rows.rows.entry, len(rows)
+
+    first, n = entry_of()
+    assert n == 96 and not (tmp_path / "run/data_cache").exists()
+    assert {p.parent for p in cache.glob("*/index.json")} == {first}
+    assert entry_of()[0] == first  # a hit
+    img = data / "images/000005.png"
+    st = img.stat()
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the same folder listing size, a newer image
+    assert len(list(cache.glob("*/index.json"))) == 1
+    entry_of()
+    assert len(list(cache.glob("*/index.json"))) == 2

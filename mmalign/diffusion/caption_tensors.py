@@ -12,12 +12,12 @@ from typing import Callable
 import torch
 from torchvision.transforms import v2 as T
 
-from ..datasets.cache import file_fingerprint, model_fingerprint
+from ..datasets.cache import file_fingerprint, files_fingerprint, model_fingerprint
 from ..datasets.records import SkipReport, caption_folder_meta, caption_record, check_policy, open_rgb
 from ..datasets.row_source import RowSource
 from ..datasets.shards import ShardedRows, build_sharded
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed by metadata.jsonl and the image files its rows name (not a listing of the folder)
 
 
 class CachedLatents(torch.utils.data.Dataset):
@@ -81,6 +81,13 @@ def encode_captions(vae, device, encode_text: Callable[[list[str]], torch.Tensor
             "tables": {"caption": {"text": encode_text(unique)}}}
 
 
+def referenced_images(source: RowSource, folder: Path):
+    """The image file each row of a caption folder's metadata names (rows without a file_name name none)."""
+    for _, obj, _ in source.rows():
+        if isinstance(obj, dict) and isinstance(obj.get("file_name"), str) and obj["file_name"]:
+            yield folder / obj["file_name"]
+
+
 def build_caption_latents(parts, folder: str, resolution: int, flips: bool, bad_rows: str, text_kind: str,
                           encode_text: Callable[[list[str]], torch.Tensor], device, cache_dir: str | Path,
                           encode_batch: int = 32, shard_rows: int = 256, encode_workers: int = 0,
@@ -93,8 +100,9 @@ def build_caption_latents(parts, folder: str, resolution: int, flips: bool, bad_
     key = {"version": CACHE_VERSION, "kind": "diffusion_sft",
            "model": model_fingerprint(parts.source, ["vae", "text_encoder", "tokenizer"]),
            "text_encoder_dtype": str(parts.text_encoder.dtype), "text": text_kind,
-           # the folder's files by path, size and mtime: the images it names live in it
-           "data": {"path": str(Path(folder).resolve()), "files": file_fingerprint(folder)},
+           # metadata.jsonl and every image its rows name (inside the folder or not), streamed, by size and mtime
+           "data": {"path": str(Path(folder).resolve()), "files": file_fingerprint(meta),
+                    "images": files_fingerprint(referenced_images(source, Path(folder)))},
            "resolution": resolution, "flips": flips, "bad_rows": bad_rows, "shard_rows": shard_rows}
     rows = build_sharded(cache_dir, key, n_rows=len(source), read=source.rows,
                          prepare=PrepareCaptions(Path(folder), resolution, bad_rows),

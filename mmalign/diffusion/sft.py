@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..core.config import bounded
+from ..core.config import bounded, not_identity
 from ..core.row_rng import RowRandom
 from ..datasets.records import SkipReport
 from .caption_tensors import CachedLatents, build_caption_latents
@@ -40,8 +40,8 @@ class DataConfig:
     random_flip: bool = False  # off by default: a flip contradicts "left of" captions
     bad_rows: Literal["skip", "error"] = "skip"  # skip: counted, reported
     encode_batch: int = bounded(32, 1, identity=False)  # images per VAE call
-    # source rows per shard of the encoded cache (<output_dir>/data_cache; in its key)
-    shard_rows: int = bounded(256, 1, identity=False)
+    cache_dir: str = not_identity("")  # the encoded cache; "": <output_dir>/data_cache
+    shard_rows: int = bounded(256, 1, identity=False)  # source rows per shard of the encoded cache (in its key)
     encode_workers: int = bounded(0, 0, identity=False)  # processes decoding images while the main one encodes
 
 
@@ -87,14 +87,14 @@ class DiffusionSFT(LatentDiffusionMethod):
         return torch.cat([te(ids[i:i + 256].to(self.device))[0].cpu() for i in range(0, len(ids), 256)])
 
     def dataset(self) -> tuple[CachedLatents, SkipReport]:
-        """Rows read lazily from a sharded cache under <output_dir>/data_cache (`caption_tensors`): mean, std
-        and text (embeddings, or token ids when the text encoder trains); with random_flip, each image's two
-        orientations are rows 2k, 2k + 1."""
+        """Rows read lazily from a sharded cache in data.cache_dir or <output_dir>/data_cache (`caption_tensors`):
+        mean, std and text (embeddings, or token ids when the text encoder trains); with random_flip, each image's
+        two orientations are rows 2k, 2k + 1."""
         d, p = self.cfg.data, self.parts
         res = self.data_resolution()
         data, report = build_caption_latents(
             p, d.path, res, d.random_flip, d.bad_rows, "ids" if self.cfg.model.train_text_encoder else "embeddings",
-            self.encode_text, self.device, os.path.join(self.output_dir, "data_cache"), d.encode_batch,
+            self.encode_text, self.device, d.cache_dir or os.path.join(self.output_dir, "data_cache"), d.encode_batch,
             d.shard_rows, d.encode_workers)
         self.require_rows(report, d.path)
         self.empty = {"text": self.encode_text([""])[0]}
