@@ -227,7 +227,7 @@ def diffusion_case(env, method, lora, pairs, opts: set, run: dict, timer: Timer,
                trainable_params=sum(q.numel() for q in params), params=sum(q.numel() for q in policy.unet.parameters()))
     if "maxbatch" in opts:
         out["max_batch"] = max_batch(step_for, m, batch, pairs, timer, run, resident)
-    del m, policy, opt, batch
+    m = policy = opt = batch = None  # free before the next case (the step closure holds them)
     free()
     return out
 
@@ -359,7 +359,7 @@ def trl_case(env: LlavaEnv, batch_size: int, run: dict) -> dict:
     from transformers import set_seed
     from trl import DPOConfig, DPOTrainer
 
-    from mllm_dpo_step import Clock, trl_rows
+    from mllm_dpo_step import Clock, time_collator, trl_rows
     from mmalign.mllm.models import VLModelConfig, prepare_trainable
 
     cuda = env.dev.type == "cuda"
@@ -378,15 +378,7 @@ def trl_case(env: LlavaEnv, batch_size: int, run: dict) -> dict:
                         save_strategy="no", gradient_checkpointing=False, logging_steps=10, seed=0)
         trainer = DPOTrainer(model=env.model, ref_model=None, args=cfg, train_dataset=dataset,
                              processing_class=env.processor, peft_config=lora)
-        collator = trainer.data_collator
-
-        def timed(examples):
-            clock.tick(trainer.model, trainer.state.global_step)
-            b = collator(examples)
-            clock.count(b["attention_mask"].sum())
-            return b
-
-        trainer.data_collator = timed
+        time_collator(trainer, clock)
         trainer.train()
         r = clock.result()
         tm = trainer.model

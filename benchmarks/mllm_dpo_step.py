@@ -221,6 +221,20 @@ class Clock:
 
 # ---- the two sides ----
 
+def time_collator(trainer, clock: Clock):
+    """Wrap a TRL trainer's collator so `clock` ticks at each step and counts its tokens; returns the original."""
+    collator = trainer.data_collator
+
+    def timed(examples):
+        clock.tick(trainer.model, trainer.state.global_step)
+        batch = collator(examples)
+        clock.count(batch["attention_mask"].sum())
+        return batch
+
+    trainer.data_collator = timed
+    return collator
+
+
 def pair_tokens(batch: dict) -> int:
     """Tokens of the pairs as two rows [prompt][chosen] + [prompt][rejected], whatever the layout, so tokens/s
     compares the same work across impls (packing sends the prompt once)."""
@@ -325,15 +339,7 @@ def run_trl(a, gc: bool) -> dict:
                              peft_config=lora)
         assert "ref" not in trainer.model.peft_config  # the reference is adapters off
         init_s = time.perf_counter() - t0
-        collator = trainer.data_collator
-
-        def timed(examples):
-            clock.tick(trainer.model, trainer.state.global_step)
-            batch = collator(examples)
-            clock.count(batch["attention_mask"].sum())
-            return batch
-
-        trainer.data_collator = timed
+        collator = time_collator(trainer, clock)
         trainer.train()
         res = clock.result()
         tokens = sum(int(collator([dataset[j] for j in range(i, min(i + a.batch, len(dataset)))])
