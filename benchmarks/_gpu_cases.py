@@ -276,18 +276,13 @@ class LlavaEnv:
     (bf16 on CUDA) with sdpa attention, and a ShapeWorld VQA pairs folder."""
 
     def __init__(self, shape: str, dev: torch.device, work: Path, n_pairs: int):
-        from mllm_dpo_step import SHAPES, shapeworld_rows
+        from mllm_dpo_step import shape_architecture, shapeworld_rows
         from mmalign.datasets.vl_records import write_vl_pairs_jsonl
-        from mmalign.mllm.tiny import build_tiny_llava, chat_vocabulary, load_architecture
+        from mmalign.mllm.tiny import build_tiny_llava
 
         self.dev, self.shape = dev, shape
         self.dtype = "bf16" if dev.type == "cuda" else "fp32"
-        if shape == "tiny":
-            arch, words = load_architecture(ROOT / "configs/models/shapeworld_llava_tiny.yaml"), None
-        else:
-            arch = copy.deepcopy(SHAPES[shape])
-            vocab, base = arch.pop("vocab_size"), sorted(set(chat_vocabulary()))
-            words = base + [f"w{i}" for i in range(vocab - 7 - len(base))]  # 7 special tokens
+        arch, words = shape_architecture(shape)
         old = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16 if self.dtype == "bf16" else torch.float32)
         try:

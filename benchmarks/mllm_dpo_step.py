@@ -91,17 +91,24 @@ def args(argv=None):
 
 # ---- model and data ----
 
+def shape_architecture(shape: str) -> tuple[dict, list[str] | None]:
+    """(architecture, tokenizer words) of the --shape LLaVA: the word-level chat vocabulary padded to the
+    shape's vocabulary size (None: the tiny model's own)."""
+    from mmalign.mllm.tiny import chat_vocabulary, load_architecture
+
+    if shape == "tiny":
+        return load_architecture(ROOT / "configs/models/shapeworld_llava_tiny.yaml"), None
+    arch = copy.deepcopy(SHAPES[shape])
+    vocab, base = arch.pop("vocab_size"), sorted(set(chat_vocabulary()))
+    return arch, base + [f"w{i}" for i in range(vocab - 7 - len(base))]  # 7 special tokens
+
+
 def build_model(shape: str, out: Path | None, dtype: str = "fp32", device: str = "cpu") -> dict:
     """Build the --shape LLaVA (random weights, word-level chat tokenizer padded to the shape's vocabulary) and
     save it to `out` in `dtype`; out=None builds on the meta device and only counts parameters."""
-    from mmalign.mllm.tiny import build_tiny_llava, chat_vocabulary, load_architecture
+    from mmalign.mllm.tiny import build_tiny_llava
 
-    if shape == "tiny":
-        arch, words = load_architecture(ROOT / "configs/models/shapeworld_llava_tiny.yaml"), None
-    else:
-        arch = copy.deepcopy(SHAPES[shape])
-        vocab, base = arch.pop("vocab_size"), sorted(set(chat_vocabulary()))
-        words = base + [f"w{i}" for i in range(vocab - 7 - len(base))]  # 7 special tokens
+    arch, words = shape_architecture(shape)
     old = torch.get_default_dtype()
     big = shape == "7b"  # built directly in the weights' dtype on the target device
     torch.set_default_dtype(DTYPES[dtype] if big else torch.float32)
