@@ -123,8 +123,12 @@ def cmd_demo(a) -> None:
         methods = {"none": (), "all": PAIR_METHOD_NAMES}.get(a.methods)
         if methods is None:  # aliases (inpo) resolve to the registered names, which name the run folders
             methods = tuple(canonical_name(m) for m in a.methods.split(",") if m)
-        settings = DemoSettings(n=a.n, steps=a.steps, guidance=a.guidance, methods=methods,
-                                pair_prompts=a.pair_prompts, per_prompt=a.per_prompt, train_steps=a.train_steps)
+        bad = [o for o in a.set if "=" not in o]
+        if bad:
+            sys.exit(f"error: --set: expected KEY=VALUE, got {bad}")
+        settings = DemoSettings(n=a.n, split=a.split, steps=a.steps, guidance=a.guidance, methods=methods,
+                                pair_prompts=a.pair_prompts, per_prompt=a.per_prompt, train_steps=a.train_steps,
+                                rounds=a.rounds, min_winner_score=a.min_winner_score, overrides=tuple(a.set))
         results = run_demo(a.out, model=a.model, settings=settings)
         print(format_results(results))
         if len(methods) > 1:
@@ -134,7 +138,7 @@ def cmd_demo(a) -> None:
             diffusion_evals(Path(a.out), methods)
     if "mllm" in parts:
         mllm = run_mllm_demo(Path(a.out) / "mllm", model=a.mllm_model,
-                             settings=MLLMDemoSettings(train_steps=a.mllm_train_steps))
+                             settings=MLLMDemoSettings(train_steps=a.mllm_train_steps, split=a.split))
         print(format_mllm_results(mllm))
         print(f"results: {Path(a.out) / 'mllm' / 'results.json'}")
         if not a.no_evals:
@@ -227,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n", type=int, required=True, help="number of scenes")
     q.add_argument("--seed", type=int, default=0, help="scene seed")
     q.add_argument("--resolution", type=int, default=32, help="image side in pixels")
-    q.add_argument("--split", choices=["train", "heldout", "all"], default="train",
-                   help="caption split (held-out captions never appear in 'train')")
+    q.add_argument("--split", choices=["train", "heldout", "validation", "test", "all"], default="train",
+                   help="caption split (held-out captions never appear in 'train'; 'validation' and 'test' are "
+                        "the two halves of 'heldout')")
     q.add_argument("--vqa-per-scene", type=int, default=0, help="VQA items per scene (0: none)")
     q.add_argument("--videos", type=int, default=0, help="number of motion clips (GIF)")
     q.set_defaults(fn=cmd_data_shapeworld)
@@ -279,11 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated pair methods (aliases such as inpo work), 'all' (the comparison table) "
                         "or 'none' (base only); each trains from configs/shapeworld_<method>.yaml")
     p.add_argument("--n", type=int, default=512, help="held-out prompts (one sample each)")
+    p.add_argument("--split", choices=("test", "validation"), default="test",
+                   help="held-out half evaluated (both parts): 'test' for reported numbers, 'validation' for "
+                        "choosing settings (calibration)")
     p.add_argument("--steps", type=int, default=15, help="DDIM steps of the held-out samples")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale of every sample")
     p.add_argument("--pair-prompts", type=int, default=256, help="training prompts of the on-policy pairs")
     p.add_argument("--per-prompt", type=int, default=4, help="samples per pair prompt (best vs worst)")
-    p.add_argument("--train-steps", type=int, default=150, help="optimizer steps of each method")
+    p.add_argument("--train-steps", type=int, default=150, help="optimizer steps of each method (per round)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="on-policy rounds: each later round samples new pairs from the previous round's model "
+                        "and trains from it")
+    p.add_argument("--min-winner-score", type=float, default=None,
+                   help="keep only pairs whose winner scores at least this (2.0: the whole caption is right)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override for every diffusion method, e.g. objective.beta=2000 (repeatable)")
     p.add_argument("--parts", default="diffusion,mllm",
                    help="which parts to run, comma-separated: diffusion, mllm, video (video is opt-in: it adds "
                         "about 15 minutes on 2 CPU cores)")

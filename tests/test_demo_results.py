@@ -18,8 +18,10 @@ def two_methods() -> dict:
                                                                                "n": 3}}
     wr = {"wins": 5, "ties": 3, "losses": 2, "win_rate": 0.6, "ci95": [0.4, 0.8], "n": 10}
     aligned = {m: {"accuracy": acc, "train_seconds": 3.5, "guidance": g, "eval_seconds": 1.0, "gain": gain,
-                   "win_rate": wr} for m, g in (("diffusion_dpo", 4.0), ("diffusion_cca", 1.0))}
+                   "win_rate": wr, "pair_steps": 96} for m, g in (("diffusion_dpo", 4.0), ("diffusion_cca", 1.0))}
+    aligned["diffusion_cca"]["vs_cfg_base"] = {"gain": gain, "win_rate": wr}
     results = diffusion_demo_results({"colour": acc_ci(0.45, 0.35, 0.55), "correct": acc_ci(0.25, 0.1, 0.4)}, aligned)
+    results["base"]["accuracy_guidance1"] = {"correct": acc_ci(0.2, 0.1, 0.3)}
     results["pairs"] = {"prompts": 4, "per_prompt": 4, "pairs": 9, "seconds": 2.0, "report": {"kept": 3}}
     return results
 
@@ -40,6 +42,9 @@ def test_diffusion_demo_file_round_trip(tmp_path):
     assert doc["mmalign"]["provenance"]["prompt_seed"] == 20000 and doc["config"]["model"] == "tiny/<sd>"
     back = unpack_diffusion_demo(doc)
     assert back == results
+    table = comparison_table(back).splitlines()
+    assert table[3] == "| base | 1 | 20.0 % | | | | | |"  # the guidance-free base, CCA's proper baseline
+    assert table[5].startswith("| diffusion_cca | 1 | 30.0 % | -2.0 [-10.0, +7.0] | 60.0 % [40.0, 80.0] | -2.0 ")
     assert format_results(back) == format_results(results) and comparison_table(back) == comparison_table(results)
     base_only = diffusion_demo_results({"colour": acc_ci(0.45, 0.35, 0.55)}, {})
     assert unpack_diffusion_demo(written(write_diffusion_demo, base_only, tmp_path / "b.json", "diffusion_demo")[0]) \
@@ -86,3 +91,29 @@ def test_miniature_diffusion_demo_file_and_report(tmp_path):
     config = (tmp_path / "diffusion_dpo" / "config.yaml").read_text()
     assert "beta: 5000.0" in config and "resume: never" in config and "max_steps: 1" in config
     assert len(discover(tmp_path).diffusion[0][2]) == 2 and "diffusion_dpo" in build_report([tmp_path])
+
+
+def test_miniature_demo_rounds_overrides_and_guidance_free_baseline(tmp_path):
+    """Two on-policy rounds (round 2 trains from round 1's model on pairs drawn from it), a recipe override for
+    every method, the validation split, and CCA compared with the base sampled guidance-free as well as with
+    the CFG-sampled base."""
+    import yaml
+
+    from mmalign.datasets.shapeworld import heldout_part
+    from mmalign.demo.diffusion import DemoSettings, heldout_prompts, run_demo
+
+    s = DemoSettings(n=4, steps=2, pair_prompts=4, per_prompt=4, pair_steps=2, train_steps=1, batch_size=4,
+                     methods=("diffusion_dpo", "diffusion_cca"), rounds=2, split="validation",
+                     overrides=("objective.sft_weight=0.5",))
+    res = run_demo(tmp_path, settings=s)
+    assert all(heldout_part(p) == "validation" for p in heldout_prompts(4, "validation"))
+    assert res["settings"]["split"] == "validation" and "accuracy_guidance1" in res["base"]
+    dpo, cca = res["aligned"]["diffusion_dpo"], res["aligned"]["diffusion_cca"]
+    assert "vs_cfg_base" not in dpo and dpo["guidance"] == 4.0 and dpo["pair_steps"] == 2 * 1 * 4
+    assert cca["guidance"] == 1.0 and set(cca["vs_cfg_base"]) >= {"gain", "win_rate"}
+    assert [r["round"] for r in dpo["rounds"]] == [1, 2] and "pairs" in dpo["rounds"][1]
+    second = yaml.safe_load((tmp_path / "diffusion_dpo" / "round2" / "diffusion_dpo" / "config.yaml").read_text())
+    assert second["model"]["pretrained"] == str(tmp_path / "diffusion_dpo" / "round1" / "diffusion_dpo" / "final")
+    assert second["objective"]["sft_weight"] == 0.5
+    with pytest.raises(ValueError, match="split must be"):
+        heldout_prompts(4, "heldout")

@@ -4,7 +4,7 @@ import random
 import numpy as np
 import pytest
 
-from mmalign.datasets.shapeworld import (Scene, degrade, extract_objects, is_heldout, parse_caption,
+from mmalign.datasets.shapeworld import (Scene, degrade, extract_objects, heldout_part, is_heldout, parse_caption,
                                          render_scene, render_shapes, sample_scene, sample_scenes, score_image)
 
 
@@ -54,6 +54,19 @@ def test_heldout_split_is_disjoint():
     held = {s.caption for s in sample_scenes(1, 100, split="heldout")}
     assert train and held and not train & held
     assert all(is_heldout(c) for c in held)
+
+
+def test_heldout_captions_split_into_validation_and_test():
+    """Calibration (validation) and reported numbers (test) never share a caption; together they are heldout."""
+    held = {s.caption for s in sample_scenes(1, 600, split="heldout")}
+    val = {s.caption for s in sample_scenes(2, 300, split="validation")}
+    test = {s.caption for s in sample_scenes(3, 300, split="test")}
+    assert val and test and not val & test
+    assert all(is_heldout(c) for c in val | test)
+    assert {heldout_part(c) for c in held} == {"validation", "test"}
+    assert len(val) > 60 and len(test) > 60  # each half keeps many compositions (95 and 96 in all)
+    with pytest.raises(ValueError, match="split must be one of"):
+        sample_scenes(0, 1, split="val")
 
 
 def clean(scene, resolution, rng):

@@ -29,15 +29,21 @@ class MLLMDemoSettings:
     pairing: str = "all"
     train_steps: int = 300  # overrides the recipe's train.max_steps
     batch_size: int = 16  # overrides train.batch_size; fewer on-policy pairs than this is an error
+    split: str = "test"  # held-out half of the questions: "test" (reported) or "validation" (calibration)
+    overrides: tuple[str, ...] = ()  # extra recipe overrides "key=value" (calibration sweeps)
+    recipe: str = "shapeworld_mllm_dpo"  # configs/<recipe>.yaml
 
 
 def _dpo(model: str, pairs_dir: Path, out: Path, s: MLLMDemoSettings) -> float:
     from ..core.registry import method_class
     from ..core.trainer import train
 
-    exp = load_demo_recipe("shapeworld_mllm_dpo", {
+    import yaml
+
+    extra = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in s.overrides)}
+    exp = load_demo_recipe(s.recipe, {
         "model.pretrained": str(model), "data.path": str(pairs_dir), "data.ref_cache_dir": str(out / "ref_cache"),
-        "output_dir": str(out), "train.max_steps": s.train_steps, "train.batch_size": s.batch_size})
+        "output_dir": str(out), "train.max_steps": s.train_steps, "train.batch_size": s.batch_size, **extra})
     t0 = time.time()
     train(exp, method_class(exp.method)(exp.args, exp.output_dir))
     return round(time.time() - t0, 1)
@@ -52,7 +58,9 @@ def run_mllm_demo(out: str | Path, model: str | Path = MLLM_BASE, settings: MLLM
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     base, processor = load_vlm(str(model))
-    heldout = vqa_benchmark(MLLM_HELDOUT_SEED, s.eval_scenes, s.eval_per_scene, split="heldout")
+    if s.split not in ("validation", "test"):
+        raise ValueError(f"split must be 'validation' or 'test', got {s.split!r}")
+    heldout = vqa_benchmark(MLLM_HELDOUT_SEED, s.eval_scenes, s.eval_per_scene, split=s.split)
     before = evaluate_vqa(base, processor, heldout)
     train_bench = vqa_benchmark(MLLM_PAIR_SEED, s.pair_scenes, s.pair_per_scene, split="train")
     pairs = onpolicy_vqa_pairs(base, processor, train_bench, out / "pairs", n_samples=s.n_samples,
@@ -93,7 +101,8 @@ def format_mllm_results(results: dict) -> str:
 
     c, p = results["comparison"], results["pairs"]
     pope = c["pope"]
-    lines = [f"ShapeWorld VQA, {results['n_questions']} held-out questions; DPO on {p['n_pairs']} on-policy answer "
+    split = results.get("settings", {}).get("split", "heldout")
+    lines = [f"ShapeWorld VQA, {results['n_questions']} held-out questions ({split} split); DPO on {p['n_pairs']} on-policy answer "
              f"pairs ({p['no_preference']} of {p['n_prompts']} questions gave no preference)",
              format_comparison(c),
              "POPE (existence) accuracy / F1 / yes-ratio: "

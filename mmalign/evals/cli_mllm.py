@@ -89,6 +89,7 @@ def register_data(dsub) -> None:
     q.add_argument("--n", type=int, required=True, help="number of scenes")
     q.add_argument("--per-scene", type=int, default=6, help="questions per scene (at most)")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--split", choices=("heldout", "train", ""), default="heldout", help="caption split ('' = any)")
+    q.add_argument("--split", choices=("heldout", "validation", "test", "train", ""), default="heldout",
+                   help="caption split ('' = any; validation and test are the halves of heldout)")
     q.add_argument("--resolution", type=int, default=32)
     q.set_defaults(fn=cmd_data_shapeworld_bench)

@@ -22,7 +22,7 @@ class ShapeWorldBenchSettings:
     n: int  # number of scenes
     per_scene: int = 6  # questions per scene (at most)
     seed: int = 0
-    split: Literal["heldout", "train", ""] = "heldout"  # caption split ('' = any)
+    split: Literal["heldout", "validation", "test", "train", ""] = "heldout"  # caption split ('' = any)
     resolution: int = 32
 
 

@@ -114,16 +114,35 @@ def is_heldout(caption: str) -> bool:
     return zlib.crc32(caption.encode()) % 8 == 0
 
 
+# The held-out captions, halved by the same hash: "validation" for choosing settings (calibration sweeps),
+# "test" only for reported numbers. Both are new compositions; no caption is in both.
+SPLITS = ("train", "heldout", "validation", "test")
+
+
+def heldout_part(caption: str) -> str | None:
+    """"validation" or "test" for a held-out caption (about 1 in 16 each), None for a training caption."""
+    return {0: "test", 8: "validation"}.get(zlib.crc32(caption.encode()) % 16)
+
+
+def in_split(caption: str, split: str | None) -> bool:
+    """Whether `caption` belongs to `split` (None: any; "heldout" = validation + test)."""
+    if split is None:
+        return True
+    if split in ("train", "heldout"):
+        return is_heldout(caption) == (split == "heldout")
+    return heldout_part(caption) == split
+
+
 def sample_scenes(seed: int, n: int, kinds: tuple[str, ...] | None = None, split: str | None = None) -> list[Scene]:
     """`n` scenes, deterministic in `seed`; `kinds` restricts the caption kinds (cycled in order); `split`
-    ("train" or "heldout") keeps only captions on that side of `is_heldout`."""
-    if split not in (None, "train", "heldout"):
-        raise ValueError(f"split must be 'train', 'heldout' or None, got {split!r}")
+    ("train", "heldout", or its halves "validation" / "test") keeps only captions on that side."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
     rng = random.Random(seed)
     out: list[Scene] = []
     while len(out) < n:
         scene = sample_scene(rng, kinds[len(out) % len(kinds)] if kinds else None)
-        if split is None or is_heldout(scene.caption) == (split == "heldout"):
+        if in_split(scene.caption, split):
             out.append(scene)
     return out
 
