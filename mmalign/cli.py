@@ -138,7 +138,8 @@ def cmd_demo(a) -> None:
             diffusion_evals(Path(a.out), methods)
     if "mllm" in parts:
         mllm = run_mllm_demo(Path(a.out) / "mllm", model=a.mllm_model,
-                             settings=MLLMDemoSettings(train_steps=a.mllm_train_steps, split=a.split))
+                             settings=MLLMDemoSettings(train_steps=a.mllm_train_steps, split=a.split,
+                                                       recipe=a.mllm_recipe))
         print(format_mllm_results(mllm))
         print(f"results: {Path(a.out) / 'mllm' / 'results.json'}")
         if not a.no_evals:
@@ -304,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "about 15 minutes on 2 CPU cores)")
     p.add_argument("--mllm-model", default=str(SHAPEWORLD_LLAVA), help="the MLLM part's base: model directory")
     p.add_argument("--mllm-train-steps", type=int, default=300, help="optimizer steps of the MLLM part's DPO")
+    p.add_argument("--mllm-recipe", default="shapeworld_mllm_dpo",
+                   help="configs/<recipe>.yaml the MLLM part trains from (shapeworld_mllm_dpo, _mmdpo, _mdpo)")
     p.add_argument("--no-evals", action="store_true",
                    help="skip the evaluator pass (CLIPScore comparisons, MM-Vet-style results) and report.html")
     p.set_defaults(fn=cmd_demo)

@@ -57,7 +57,7 @@ def _check_model(model) -> None:
                                 f"the shipped base is rebuilt by scripts/build_shapeworld_base.sh")
 
 
-def _load(model):
+def load_sd_pipeline(model):
     from diffusers import StableDiffusionPipeline
     return StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, requires_safety_checker=False)
 
@@ -118,7 +118,7 @@ def run_method(name: str, model, out: Path, s: DemoSettings, first_pairs: Path) 
     for r in range(1, s.rounds + 1):
         where = out if s.rounds == 1 else out / name / f"round{r}"
         pairs_dir = first_pairs if r == 1 else where / "pairs"
-        pairs = None if r == 1 else onpolicy_pairs(_load(current), pairs_dir, s, r)
+        pairs = None if r == 1 else onpolicy_pairs(load_sd_pipeline(current), pairs_dir, s, r)
         train_s = train_method(name, current, pairs_dir, where, s)
         current = where / name / "final"
         rounds.append({"round": r, "train_seconds": train_s, **({"pairs": pairs} if pairs else {})})
@@ -140,7 +140,7 @@ def run_demo(out: str | Path, model: str | Path = BASE_PIPELINE, settings: DemoS
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    base = _load(model)
+    base = load_sd_pipeline(model)
     prompts, seeds = heldout_prompts(s.n, s.split), list(range(s.n))
     base_images, base_scored = evaluate(base, prompts, seeds, out / "base", s)
     by_guidance = {s.guidance: base_scored}  # the base sampled at each guidance a method is evaluated with
@@ -160,7 +160,7 @@ def run_demo(out: str | Path, model: str | Path = BASE_PIPELINE, settings: DemoS
                 _, by_guidance[guidance] = evaluate(base, prompts, seeds, out / f"base_guidance{guidance:g}", s,
                                                     guidance)
                 results["base"][f"accuracy_guidance{guidance:g}"] = by_guidance[guidance]["summary"]
-            images, scored = evaluate(_load(final), prompts, seeds, out / name / "eval", s, guidance)
+            images, scored = evaluate(load_sd_pipeline(final), prompts, seeds, out / name / "eval", s, guidance)
             rows.append(images[:16])
             entry = {"accuracy": scored["summary"], "train_seconds": train_s, "guidance": guidance,
                      "eval_seconds": scored["seconds"], "pair_steps": s.rounds * s.train_steps * s.batch_size,
