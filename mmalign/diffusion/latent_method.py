@@ -13,7 +13,7 @@ from ..core.config import ConfigError
 from ..core.reference import make_reference
 from ..core.row_rng import RowRandom
 from .lora import save_unet_lora
-from .pipeline import SDComponents, load_sd_components, pipeline_class
+from .pipeline import SDComponents, load_sd_components, pipeline_class, read_format
 
 
 class UNetPolicy(nn.Module):
@@ -35,6 +35,8 @@ class LatentDiffusionMethod:
     conditioning (set by `dataset()`); `self.ref`: the reference strategy (`attach_reference`)."""
 
     needs_reference = False
+    # why a rectified-flow (SD3/FLUX) pipeline is refused (a ConfigError at build); None: the method supports it
+    flow_refusal: str | None = "it is written for UNet (epsilon/v-prediction) pipelines only"
     wants_row_seed = True  # the trainer attaches batch["row_seed"]: every draw is per row (core.row_rng)
 
     def __init__(self, cfg, output_dir: str):
@@ -48,6 +50,10 @@ class LatentDiffusionMethod:
     def load_parts(self, pretrained: str, device: torch.device, dtype: torch.dtype = torch.float32) -> SDComponents:
         """Load the pipeline's components; the VAE and text encoders go to `device`, frozen, in eval mode."""
         self.device = device
+        fmt = read_format(pretrained)
+        if fmt in ("sd3", "flux") and self.flow_refusal:
+            raise ConfigError(f"model.pretrained {pretrained}: a rectified-flow ({fmt.upper()}) pipeline, and "
+                              f"{type(self).__name__} cannot train it: {self.flow_refusal}")
         self.parts = load_sd_components(pretrained, dtype)
         for enc in self.encoders():
             enc.to(device).requires_grad_(False).eval()
@@ -55,7 +61,7 @@ class LatentDiffusionMethod:
 
     def encoders(self) -> list[nn.Module]:
         p = self.parts
-        return [enc for enc in (p.vae, p.text_encoder, p.text_encoder_2) if enc is not None]
+        return [enc for enc in (p.vae, p.text_encoder, p.text_encoder_2, p.text_encoder_3) if enc is not None]
 
     def attach_reference(self, kind: str, policy: nn.Module) -> None:
         """`self.ref` = the reference strategy `kind` (core.reference.make_reference), when the method needs one."""
@@ -71,9 +77,9 @@ class LatentDiffusionMethod:
         native, asked = self.parts.resolution, self.cfg.data.resolution
         if not asked or asked == native:
             return native
-        factor = 2 ** (len(self.parts.vae.config.block_out_channels) - 1)
+        factor = self.parts.pixel_factor
         if asked % factor:
-            raise ConfigError(f"data.resolution: {asked} is not a multiple of the VAE's factor {factor} "
+            raise ConfigError(f"data.resolution: {asked} is not a multiple of the model's factor {factor} "
                               f"(the model's native size is {native}; 0 uses it)")
         if asked > 4 * native:
             raise ConfigError(f"data.resolution: {asked} is more than 4x the model's native {native} px; "
@@ -88,9 +94,11 @@ class LatentDiffusionMethod:
 
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, rows: RowRandom,
                        name: str = "latent") -> torch.Tensor:
-        """A fresh sample of the cached VAE posterior, times the VAE's scaling factor (draw `name`)."""
+        """A fresh sample of the cached VAE posterior, minus the VAE's shift factor (SD3/FLUX VAEs have one), times
+        its scaling factor (draw `name`)."""
         eps = rows.randn(name, std.shape[1:], std.device, std.dtype)
-        return (mean + std * eps) * self.parts.vae.config.scaling_factor
+        vae = self.parts.vae.config
+        return (mean + std * eps - (vae.shift_factor or 0.0)) * vae.scaling_factor
 
     def drop_captions(self, cond: dict[str, torch.Tensor], p: float, rows: RowRandom,
                       name: str = "caption_dropout") -> dict[str, torch.Tensor]:
@@ -105,9 +113,11 @@ class LatentDiffusionMethod:
 
     def sample_t(self, rows: RowRandom, device: torch.device | None = None, shape: tuple = (),
                  low: int = 0) -> torch.Tensor:
-        """Training timesteps [n, *shape], uniform over [low, the scheduler's range) (draw "t")."""
-        return rows.randint("t", low, self.parts.noise_scheduler.config.num_train_timesteps,
-                            self.device if device is None else device, shape)
+        """Training timesteps [n, *shape], uniform over [low, the scheduler's range) (draw "t"); for a flow
+        pipeline the draw indexes its sigma table: float t = σ·N (`flow.FlowMatchForward.train_timesteps`)."""
+        sched = self.parts.noise_scheduler
+        t = rows.randint("t", low, sched.config.num_train_timesteps, self.device if device is None else device, shape)
+        return sched.train_timesteps(t) if self.parts.is_flow else t
 
     # --- data and export -----------------------------------------------------------------------------------
 
@@ -117,11 +127,13 @@ class LatentDiffusionMethod:
             raise ValueError(f"{source}: no usable rows ({report.summary()})")
 
     def save_image_pipeline(self, unet: nn.Module, out_dir: str, **components) -> None:
-        """A full pipeline directory with `unet` (and `components`) in place of the pretrained ones; with LoRA
-        (`cfg.model.lora_rank`), the adapter alone in diffusers' format (`pipe.load_lora_weights(out_dir)`)."""
-        cls = pipeline_class(self.parts)
+        """A full pipeline directory with `unet` (SD3/FLUX: the transformer; and `components`) in place of the
+        pretrained ones; with LoRA (`cfg.model.lora_rank`), the adapter alone in diffusers' format
+        (`pipe.load_lora_weights(out_dir)`)."""
+        cls, slot = pipeline_class(self.parts), "transformer" if self.parts.is_flow else "unet"
         if self.cfg.model.lora_rank > 0:
-            save_unet_lora(cls, unet, out_dir, base=self.cfg.model.pretrained, method=type(self).__name__)
+            save_unet_lora(cls, unet, out_dir, base=self.cfg.model.pretrained, method=type(self).__name__, slot=slot)
             return
-        extra = {} if self.parts.is_sdxl else {"safety_checker": None, "requires_safety_checker": False}
-        cls.from_pretrained(self.cfg.model.pretrained, unet=unet, **components, **extra).save_pretrained(out_dir)
+        sd15 = not (self.parts.is_sdxl or self.parts.is_flow)
+        extra = {"safety_checker": None, "requires_safety_checker": False} if sd15 else {}
+        cls.from_pretrained(self.cfg.model.pretrained, **{slot: unet}, **components, **extra).save_pretrained(out_dir)

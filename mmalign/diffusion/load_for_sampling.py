@@ -1,5 +1,5 @@
-"""What `mmalign sample` loads: a full pipeline (SD1.5, SDXL or AnimateDiff; directory or hub id), a LoRA export
-with its base (given, or named in the export's metadata), or a video training export -> one ready pipeline.
+"""What `mmalign sample` loads: a full pipeline (SD1.5, SDXL, SD3, FLUX or AnimateDiff; directory or hub id), a LoRA
+export with its base (given, or named in the export's metadata), or a video training export -> one ready pipeline.
 
     pipe = load_for_sampling(model="runs/x/final")                  # LoRA export: base from its metadata
     pipe = load_for_sampling(model="sd15", lora="runs/x/final")     # the same LoRA on a base of your choice

@@ -15,7 +15,9 @@ def sft_loss(model_err: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Ten
     """Plain denoising loss (DDPM, Ho et al. 2020, the "simple" objective): L = mean_i err_theta(x_i).
 
     `model_err` [B] is `per_sample_mse(eps_theta(x_t, t, c), target)` where target is the noise eps
-    (epsilon prediction) or v (v-prediction). Returns (loss, metrics) with metrics model_err.
+    (epsilon prediction) or v (v-prediction). Rectified flow (SD3/FLUX, flow.py): err = ||v_theta(x_sigma, sigma, c)
+    - (eps - x0)||^2 (mean), x_sigma = (1 - sigma) x0 + sigma eps: the flow-matching loss with uniform weighting.
+    Returns (loss, metrics) with metrics model_err.
     """
     loss = model_err.mean()
     return loss, {"model_err": loss.detach()}
@@ -34,6 +36,10 @@ def diffusion_dpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref
 
     All inputs are per-sample denoising errors of shape [B] (`per_sample_mse` at ONE shared t and noise per
     pair). diffusers' SD1.5 example drops the 1/2 and uses beta=2500: the same objective.
+    Rectified flow (SD3/FLUX): the same equation on velocity errors err(x) = ||v(x_sigma, sigma, c) - (eps - x0)||^2
+    (mean over C, H, W), x_sigma = (1 - sigma) x0 + sigma eps with one sigma and eps per pair; beta keeps this
+    convention (the 1/2 inside) but has its own scale, velocity errors not being noise errors (a FLUX LoRA run at
+    beta 500 spiked; 2000 was the advice, Flow-GRPO issue #47; configs/sd3_diffusion_dpo.yaml uses 2000).
     Metrics: implicit_acc = mean(inside > 0) with ties counted 1/2; reward_w = -beta/2 * (err_theta(w) -
     err_ref(w)), reward_l likewise; margin = reward_w - reward_l (= inside); model_err, ref_err (means).
     """
@@ -77,7 +83,9 @@ def cca_loss(model_err_pos: torch.Tensor, ref_err_pos: torch.Tensor, model_err_n
              ref_err_neg: torch.Tensor, beta: float, lam: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CCA, diffusion form: delta(x, c) = -(err_theta(x_t, c) - err_ref(x_t, c)), all four errors at ONE shared
     (t, noise) per image, [B] each; then `cca_loss_from_deltas`. (The paper is autoregressive-only; the
-    denoising error stands in for -log-likelihood up to scale, as in Diffusion-DPO.)"""
+    denoising error stands in for -log-likelihood up to scale, as in Diffusion-DPO.) Rectified flow (SD3/FLUX): the
+    errors are velocity errors ||v(x_sigma, sigma, c) - (eps - x0)||^2 at one shared (sigma, eps); beta multiplies
+    delta directly (no 1/2), on the scale of those errors."""
     return cca_loss_from_deltas(-(model_err_pos - ref_err_pos), -(model_err_neg - ref_err_neg), beta, lam)
 
 
@@ -109,7 +117,8 @@ def bco_loss(model_err: torch.Tensor, ref_err: torch.Tensor, desirable: torch.Te
         loss = mean( -y * log sigmoid(g - delta) - (1 - y) * log sigmoid(-(g - delta)) )
 
     with y = 1 for desirable samples and delta a running mean of past rewards, kept by the caller (update it
-    with metrics["reward_mean"]).
+    with metrics["reward_mean"]). beta multiplies the error gap directly (no 1/2). Rectified flow (SD3/FLUX): the
+    same with velocity errors ||v(x_sigma, sigma, c) - (eps - x0)||^2, x_sigma = (1 - sigma) x0 + sigma eps.
     """
     if not (model_err.shape == ref_err.shape == desirable.shape) or model_err.dim() != 1:
         raise ValueError("bco_loss wants three [B] tensors")

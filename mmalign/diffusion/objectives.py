@@ -76,6 +76,10 @@ class InPO(DiffusionPreference):
     """Each image's x_t is its DDIM inversion by the current policy (no grad, conditioned, no CFG), through the
     inverse grid below each pair's own t; the target is the noise that explains x_t given x0."""
 
+    flow_refusal = ("InPO inverts images with DDIM steps and re-parametrises the noise target with the alpha-bar "
+                    "schedule of an epsilon/v-prediction UNet; a rectified-flow model has neither. Use diffusion_dpo, "
+                    "diffusion_sft_winners, diffusion_cca or diffusion_bco")
+
     def loss(self, policy, batch):
         o, sched = self.cfg.objective, self.parts.noise_scheduler
         rows = RowRandom.of(batch)
@@ -101,6 +105,10 @@ class InPO(DiffusionPreference):
 class InversionDPO(DiffusionPreference):
     """The reference's deterministic DDIM inversion (inversion_steps) of both images; the policy is evaluated at
     the stored points with per-step activation checkpointing (memory flat in the number of steps)."""
+
+    flow_refusal = ("Inversion-DPO replays the reference's DDIM inversion, weighted by 1/(2 alpha-bar_t) of an "
+                    "epsilon/v-prediction schedule; a rectified-flow model has neither. Use diffusion_dpo, "
+                    "diffusion_sft_winners, diffusion_cca or diffusion_bco")
 
     def loss(self, policy, batch):
         o, sched = self.cfg.objective, self.parts.noise_scheduler

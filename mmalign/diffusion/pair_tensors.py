@@ -92,7 +92,8 @@ def build_pair_tensors(parts: SDComponents, data_path: str, resolution: int, fli
 
 
 def _encoder_folders(parts: SDComponents) -> list[str]:
-    return ["vae", "text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if parts.is_sdxl else [])
+    extra = [s for s, enc in (("_2", parts.text_encoder_2), ("_3", parts.text_encoder_3)) if enc is not None]
+    return ["vae", "text_encoder", "tokenizer"] + [f"{n}{s}" for s in extra for n in ("text_encoder", "tokenizer")]
 
 
 def _empty_cond(parts: SDComponents, device) -> dict[str, torch.Tensor]:

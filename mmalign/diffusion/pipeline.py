@@ -1,9 +1,10 @@
-"""Loading Stable Diffusion components (SD1.5-style or SDXL; local directory or hub id, same code path), and
-the conditioning interface every training method uses, so that methods are SD1.5/SDXL-agnostic:
+"""Loading Stable Diffusion components (SD1.5-style, SDXL, or the rectified-flow SD3/FLUX formats of flow.py; local
+directory or hub id, same code path), and the conditioning interface every training method uses, so that methods
+are family-agnostic:
 
     cond = encode_prompts(parts, captions, device)          # {"ctx"} or {"ctx", "pooled"}, CPU fp32
     cond["time_ids"] = make_time_ids(orig, crop, (R, R))    # SDXL only, from `preprocess`'s info
-    pred = denoise(unet, x_t, t, cond)
+    pred = denoise(unet, x_t, t, cond)                      # a flow transformer in the `unet` slot: its velocity
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
+from .flow import (FLUX_SAMPLE_SIZE, FlowMatchForward, encode_flow_prompts, flow_denoise,
+                   flow_format, flow_input_dtype, is_flow_model, load_flow_parts)
+
 
 @dataclass
 class SDComponents:
@@ -21,34 +25,61 @@ class SDComponents:
     tokenizer: object
     text_encoder: CLIPTextModel | None  # None only for SDXL pipelines with encoder 2 alone (the refiner)
     vae: AutoencoderKL
-    unet: UNet2DConditionModel
-    noise_scheduler: DDPMScheduler  # the training-time forward process, from the pipeline's scheduler config
+    unet: UNet2DConditionModel  # SD3/FLUX: the transformer
+    noise_scheduler: DDPMScheduler | FlowMatchForward  # the training-time forward process (from the pipeline's)
     tokenizer_2: object = None
-    text_encoder_2: CLIPTextModelWithProjection | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # FLUX: the T5 encoder
+    tokenizer_3: object = None  # SD3 only
+    text_encoder_3: object = None  # SD3's T5 encoder (None when the pipeline has none)
+    flow: str = ""  # "sd3" or "flux" for rectified-flow pipelines (flow.py); "" for SD1.5/SDXL
 
     @property
     def resolution(self) -> int:
-        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        size = FLUX_SAMPLE_SIZE if self.flow == "flux" else self.unet.config.sample_size
+        return size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def pixel_factor(self) -> int:
+        """Pixels per latent position the denoiser needs whole: the VAE's factor (x2 for SD3/FLUX 2x2 patches)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) * (2 if self.flow else 1)
 
     @property
     def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+        return self.text_encoder_2 is not None and not self.flow
+
+    @property
+    def is_flow(self) -> bool:
+        return bool(self.flow)
 
 
-def load_sd_components(source: str, dtype: torch.dtype = torch.float32) -> SDComponents:
-    """Load tokenizer(s), text encoder(s), VAE, UNet and scheduler from a pipeline directory or hub id.
-
-    SDXL (model_index.json's `_class_name` contains "XL", or it lists a `text_encoder_2`) also gets
-    tokenizer_2 / text_encoder_2. The VAE stays in fp32 whatever `dtype` is (fp16 VAEs overflow; SDXL's NaNs);
-    the scheduler used for training is a DDPMScheduler built from the pipeline's own scheduler config (same
-    betas, prediction type)."""
+def read_index(source: str) -> dict:
+    """A pipeline's model_index.json (directory or hub id); FileNotFoundError when it is neither."""
     from diffusers import DiffusionPipeline
 
     if "/" not in source and not Path(source).exists():
         raise FileNotFoundError(f"pipeline not found: {source!r} is neither a directory nor a hub id (owner/name)")
     if Path(source).exists() and not (Path(source) / "model_index.json").is_file():
         raise FileNotFoundError(f"{source} is not a diffusers pipeline directory (no model_index.json)")
-    index = DiffusionPipeline.load_config(source)
+    return DiffusionPipeline.load_config(source)
+
+
+def read_format(source: str) -> str:
+    """"sd3" or "flux" (rectified flow), else "unet" (SD1.5/SDXL), from the pipeline's model_index.json alone."""
+    return flow_format(read_index(source)) or "unet"
+
+
+def load_sd_components(source: str, dtype: torch.dtype = torch.float32) -> SDComponents:
+    """Load tokenizer(s), text encoder(s), VAE, UNet and scheduler from a pipeline directory or hub id.
+    SD3/FLUX-format pipelines (a `transformer` in model_index.json): `flow.load_flow_parts`.
+
+    SDXL (model_index.json's `_class_name` contains "XL", or it lists a `text_encoder_2`) also gets
+    tokenizer_2 / text_encoder_2. The VAE stays in fp32 whatever `dtype` is (fp16 VAEs overflow; SDXL's NaNs);
+    the scheduler used for training is a DDPMScheduler built from the pipeline's own scheduler config (same
+    betas, prediction type)."""
+    index = read_index(source)
+    fmt = flow_format(index)
+    if fmt:
+        return SDComponents(**load_flow_parts(source, index, fmt, dtype))
 
     def present(name: str) -> bool:  # "text_encoder": [null, null] in SDXL-refiner-style indexes
         entry = index.get(name)
@@ -70,8 +101,10 @@ def load_sd_components(source: str, dtype: torch.dtype = torch.float32) -> SDCom
 
 def pipeline_class(parts: SDComponents):
     """The diffusers pipeline class for exports and sampling."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if parts.is_flow:
+        return {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[parts.flow]
     return StableDiffusionXLPipeline if parts.is_sdxl else StableDiffusionPipeline
 
 
@@ -86,7 +119,9 @@ def encode_prompts(parts: SDComponents, captions: list[str], device, batch: int 
 
     SD1.5: {"ctx": last hidden state}. SDXL (StableDiffusionXLPipeline.encode_prompt): {"ctx": penultimate
     hidden states of encoder 1 and encoder 2 concatenated, "pooled": encoder 2's projected pooled output
-    (`text_embeds`)}."""
+    (`text_embeds`)}. SD3/FLUX: `flow.encode_flow_prompts`."""
+    if parts.is_flow:
+        return encode_flow_prompts(parts, captions, device, batch)
     ctx, pooled = [], []
     for i in range(0, len(captions), batch):
         chunk = captions[i:i + batch]
@@ -153,7 +188,10 @@ def unet_kwargs(cond: dict[str, torch.Tensor]) -> dict:
 
 
 def denoise(unet, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The UNet's prediction for x_t at timesteps t; cond tensors are moved to x_t's device and dtype."""
+    """The UNet's prediction for x_t at timesteps t; cond tensors are moved to x_t's device and dtype. A flow
+    transformer (SD3/FLUX): its velocity at t = σ·N (`flow.flow_denoise`)."""
+    if is_flow_model(unet):
+        return flow_denoise(unet, x_t, t, cond)
     cond = {k: v.to(x_t.device, x_t.dtype) for k, v in cond.items()}
     if getattr(unet.config, "addition_embed_type", None) == "text_time":
         missing = [k for k in ("pooled", "time_ids") if k not in cond]
@@ -165,9 +203,17 @@ def denoise(unet, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tens
     return unet(x_t, t, **unet_kwargs(cond)).sample
 
 
-def diffusion_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
+def input_dtype(denoiser) -> torch.dtype:
+    """The dtype the denoiser's input layer takes (a bf16/fp16 frozen base under fp32 adapters)."""
+    return flow_input_dtype(denoiser) if is_flow_model(denoiser) else denoiser.conv_in.weight.dtype
+
+
+def diffusion_target(scheduler: DDPMScheduler | FlowMatchForward, latents: torch.Tensor, noise: torch.Tensor,
                      t: torch.Tensor) -> torch.Tensor:
-    """What the UNet is trained to predict: the noise (epsilon) or the velocity (v-prediction)."""
+    """What the UNet is trained to predict: the noise (epsilon) or the velocity (v-prediction); for a flow
+    pipeline the rectified-flow velocity noise - latents."""
+    if isinstance(scheduler, FlowMatchForward):
+        return scheduler.target(latents, noise)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise

@@ -1,4 +1,5 @@
-"""Preference training of SD1.5/SDXL-format pipelines from pairs: the shared machinery (models, reference,
+"""Preference training of SD1.5/SDXL-format pipelines, and of SD3/FLUX (rectified flow, flow.py: the transformer in the
+UNet's place, velocity errors in place of noise errors), from pairs: the shared machinery (models, reference,
 cached pair tensors, per-pair augmentation, export). The objectives live in `objectives.py`.
 
 Every method trains the UNet (full or LoRA) against frozen, cached text and image encodings; one recipe key,
@@ -19,16 +20,18 @@ from ..datasets.records import SkipReport
 from .latent_method import LatentDiffusionMethod, UNetPolicy
 from .lora import ATTENTION_PROJECTIONS, add_lora
 from .pair_tensors import PairTensors, build_pair_tensors
-from .pipeline import denoise, make_time_ids
+from .flow import FLOW_ATTENTION_PROJECTIONS
+from .pipeline import denoise, input_dtype, make_time_ids
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class PrefModelConfig:
-    pretrained: str  # pipeline directory or hub id (SD1.5- or SDXL-format; detected)
+    pretrained: str  # pipeline directory or hub id (SD1.5-, SDXL-, SD3- or FLUX-format; detected)
     lora_rank: int = bounded(0, 0)  # 0: full fine-tune of the UNet
     lora_alpha: int = bounded(0, 0)  # 0: same as rank
+    # module-name suffixes; the default on SD3/FLUX also takes the joint attention's add_{q,k,v}_proj, to_add_out
     lora_targets: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
     reference: Literal["frozen_copy", "adapters_off"] = "frozen_copy"  # adapters_off needs lora_rank > 0
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # frozen weights' dtype; below fp32 LoRA only (adapters, VAE fp32)
@@ -74,7 +77,7 @@ class CondUNet(UNetPolicy):
     """The policy: a UNet called with a conditioning dict (ctx, and for SDXL pooled + time_ids)."""
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        return denoise(self.unet, x_t.to(self.unet.conv_in.weight.dtype), t, cond)  # a bf16/fp16 frozen base
+        return denoise(self.unet, x_t.to(input_dtype(self.unet)), t, cond)  # a bf16/fp16 frozen base
 
 
 class DiffusionPreference(LatentDiffusionMethod):
@@ -82,6 +85,7 @@ class DiffusionPreference(LatentDiffusionMethod):
 
     config_class = PreferenceConfig
     needs_reference = True
+    flow_refusal = None  # SD3/FLUX train through the same path (see objectives.py for the ones that refuse)
 
     def __init__(self, cfg: PreferenceConfig, output_dir: str):
         super().__init__(cfg, output_dir)
@@ -96,7 +100,8 @@ class DiffusionPreference(LatentDiffusionMethod):
         m = self.cfg.model
         p = self.load_parts(m.pretrained, device, DTYPES[m.dtype])
         if m.lora_rank > 0:
-            add_lora(p.unet, m.lora_rank, m.lora_alpha, m.lora_targets)
+            flow_default = p.is_flow and m.lora_targets == ATTENTION_PROJECTIONS
+            add_lora(p.unet, m.lora_rank, m.lora_alpha, FLOW_ATTENTION_PROJECTIONS if flow_default else m.lora_targets)
             for q in p.unet.parameters():
                 if q.requires_grad:
                     q.data = q.data.float()  # trainable adapters in fp32 over a low-precision frozen base
@@ -104,7 +109,7 @@ class DiffusionPreference(LatentDiffusionMethod):
         self.attach_reference(m.reference, policy)
         if self.ref is not None and hasattr(self.ref, "model"):
             self.ref.model.to(device)
-        self.abar = p.noise_scheduler.alphas_cumprod.to(device)
+        self.abar = None if p.is_flow else p.noise_scheduler.alphas_cumprod.to(device)  # DDIM inversion's
         return policy
 
     def dataset(self) -> tuple[PairTensors, SkipReport]:
@@ -141,7 +146,7 @@ class DiffusionPreference(LatentDiffusionMethod):
         n = len(view)
         cond = self.drop_captions({k: batch[k] for k in ("ctx", "pooled") if k in batch},
                                   self.cfg.data.caption_dropout, rows)
-        if "pooled" not in cond:
+        if not self.parts.is_sdxl:  # SD1.5, SD3, FLUX: no size/crop conditioning
             return cond, dict(cond)
         target = (self.resolution, self.resolution)
         idx = torch.arange(n, device=view.device)

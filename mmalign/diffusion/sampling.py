@@ -20,7 +20,7 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], steps: int = 25, g
     one bar per batch would scroll)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    res = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    res = resolution or native_resolution(pipe)
     pipe.set_progress_bar_config(disable=True)
     images: list[Image.Image] = []
     with tqdm(total=len(prompts), desc=desc, unit="img") as bar:
@@ -31,6 +31,13 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], steps: int = 25, g
             images.extend(out.images)
             bar.update(len(out.images))
     return images
+
+
+def native_resolution(pipe) -> int:
+    """The pipeline's default image size: its UNet's sample size, or for SD3/FLUX (a transformer) the pipeline's
+    default_sample_size, times the VAE's factor."""
+    size = pipe.default_sample_size if "transformer" in pipe.components else pipe.unet.config.sample_size
+    return size * pipe.vae_scale_factor
 
 
 def save_samples(out: Path, images, prompts, seeds, scores=None) -> None:
