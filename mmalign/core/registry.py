@@ -18,6 +18,7 @@ METHODS: dict[str, str] = {
     "diffusion_inversion_dpo": "mmalign.diffusion.objectives:InversionDPO",
     "diffusion_cca": "mmalign.diffusion.objectives:DiffusionCCA",
     "diffusion_bco": "mmalign.diffusion.objectives:DiffusionBCO",
+    "diffusion_grpo": "mmalign.diffusion.grpo:DiffusionGRPO",
     "mllm_sft": "mmalign.mllm.sft:MLLMSFT",
     "mllm_steerlm": "mmalign.mllm.sft:MLLMSteerLM",
     "mllm_dpo": "mmalign.mllm.dpo:MLLMDPO",
