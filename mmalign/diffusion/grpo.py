@@ -1,5 +1,9 @@
 """Online RL of an SD1.5/SDXL-format UNet (GRPO: DDPO's Gaussian DDIM steps, Flow-GRPO's group advantages,
-clipped ratio and per-step KL), one more Method on the shared loop.
+clipped ratio and per-step KL), one more Method on the shared loop. SD3/FLUX-format (rectified-flow) pipelines roll
+out with Flow-GRPO's SDE steps on the pipeline's sigma schedule (rollout_flow.py; noise level
+objective.flow_noise_level, DDIM's eta unused), otherwise the same. FLUX: the transformer's embedded guidance
+is flow.FLUX_TRAIN_GUIDANCE; objective.guidance != 1 adds true CFG against the empty caption (FluxPipeline's
+true_cfg_scale), so a guidance-distilled FLUX.1-dev wants guidance 1 or cfg_free_training.
 
 Rows are prompts. When the rollout buffer is empty, `loss` samples the batch's prompts × group_size with the
 current policy (no grad; rollout.sample_trajectories, η > 0), scores them (rewards.Rewards), computes group
@@ -33,11 +37,13 @@ from ..core.row_rng import RowRandom, mix
 from ..datasets.records import SkipReport
 from .grpo_losses import gaussian_kl, group_advantages, grpo_loss
 from .latent_method import LatentDiffusionMethod
-from .lora import add_lora
+from .flow import FLOW_ATTENTION_PROJECTIONS
+from .lora import ATTENTION_PROJECTIONS, add_lora
 from .pipeline import encode_prompts, make_time_ids
 from .preference import DTYPES, CondUNet, PrefModelConfig
 from .rewards import Rewards
 from .rollout import Trajectory, ddim_grid, sample_trajectories, step_log_prob, step_stats, vae_decoder
+from .rollout_flow import flow_grid, flow_step_log_prob, flow_step_stats, sample_flow_trajectories
 
 
 @dataclass
@@ -52,11 +58,13 @@ class PromptDataConfig:
 class GRPOObjective:
     group_size: int = bounded(8, 2)  # samples per prompt (one group: its advantages are normalised together)
     sample_steps: int = bounded(10, 1)  # DDIM steps of a rollout
-    eta: float = bounded(1.0, 0, lo_open=True)  # DDIM eta of the stochastic steps (DDPO: 1.0)
+    eta: float = bounded(1.0, 0, lo_open=True)  # DDIM eta of the stochastic steps (DDPO: 1.0); UNet pipelines
+    # SD3/FLUX: the SDE noise level a of the stochastic steps, s = a·sqrt(σ/(1 − σ)) (Flow-GRPO: 0.7)
+    flow_noise_level: float = bounded(0.7, 0, lo_open=True)
     guidance: float = bounded(4.0, 0)  # CFG scale of rollouts and training; 1: no CFG
     cfg_free_training: bool = False  # roll out and train without CFG (guidance ignored): Flow-GRPO's option
     # W > 0: only W consecutive steps (drawn per rollout) are stochastic and trained, the others deterministic
-    # DDIM (ODE) steps: MixGRPO's window; 0: every step
+    # DDIM / Euler (ODE) steps: MixGRPO's window; 0: every step
     train_steps_window: int = bounded(0, 0)
     clip_range: float = bounded(1e-4, 0, lo_open=True)  # PPO ratio clip (DDPO and Flow-GRPO: 1e-4)
     kl_beta: float = bounded(0.0, 0)  # weight of the per-step KL to the reference (Flow-GRPO: 0.04 / 0.01)
@@ -108,8 +116,7 @@ def read_prompts(lines: list[str], where: str) -> tuple[list[str], SkipReport]:
 
 class DiffusionGRPO(LatentDiffusionMethod):
     config_class = GRPOConfig
-    flow_refusal = ("its rollout is the DDIM (epsilon/v-prediction) sampler; the flow SDE step is "
-                    "rollout.flow_sde_step, not yet wired to a flow rollout")
+    flow_refusal = None  # SD3/FLUX: rollout_flow.py
 
     def __init__(self, cfg: GRPOConfig, output_dir: str):
         super().__init__(cfg, output_dir)
@@ -139,7 +146,8 @@ class DiffusionGRPO(LatentDiffusionMethod):
         m = self.cfg.model
         p = self.load_parts(m.pretrained, device, DTYPES[m.dtype])
         if m.lora_rank > 0:
-            add_lora(p.unet, m.lora_rank, m.lora_alpha, m.lora_targets)
+            flow_default = p.is_flow and m.lora_targets == ATTENTION_PROJECTIONS  # + joint attention's text stream
+            add_lora(p.unet, m.lora_rank, m.lora_alpha, FLOW_ATTENTION_PROJECTIONS if flow_default else m.lora_targets)
             for q in p.unet.parameters():
                 if q.requires_grad:
                     q.data = q.data.float()  # trainable adapters in fp32 over a low-precision frozen base
@@ -147,9 +155,12 @@ class DiffusionGRPO(LatentDiffusionMethod):
         self.attach_reference(m.reference, policy)
         if self.ref is not None and hasattr(self.ref, "model"):
             self.ref.model.to(device)
-        config = DDIMScheduler.load_config(m.pretrained, subfolder="scheduler")
-        self.grid = ddim_grid(config, self.cfg.objective.sample_steps)
-        self.kind = p.noise_scheduler.config.prediction_type
+        if p.is_flow:  # the grid depends on the resolution: dataset()
+            self.step_stats, self.step_log_prob = flow_step_stats, flow_step_log_prob
+        else:
+            config = DDIMScheduler.load_config(m.pretrained, subfolder="scheduler")
+            self.grid = ddim_grid(config, self.cfg.objective.sample_steps)
+            self.step_stats, self.step_log_prob = step_stats, step_log_prob
         self.decode = vae_decoder(p.vae)
         self.rewards = Rewards(self.cfg.reward.weights, self.cfg.reward.heldout)
         return policy
@@ -165,6 +176,10 @@ class DiffusionGRPO(LatentDiffusionMethod):
             self.prompts, report = read_prompts(captions, "shapeworld")
         self.require_rows(report, d.path or "data.shapeworld_prompts")
         self.resolution = self.data_resolution()
+        if self.parts.is_flow:
+            side = self.latent_size() // 2  # 2x2 patches (SD3's patch size, FLUX's packing)
+            self.grid = flow_grid(self.parts.noise_scheduler.config, self.cfg.objective.sample_steps, side * side,
+                                  self.parts.flow)
         self.empty = self.encode([""])
         return PromptRows(self.prompts), report
 
@@ -176,6 +191,9 @@ class DiffusionGRPO(LatentDiffusionMethod):
             cond["time_ids"] = make_time_ids(size, torch.zeros_like(size), (self.resolution,) * 2).to(self.device)
         return cond
 
+    def latent_size(self) -> int:
+        return self.resolution // 2 ** (len(self.parts.vae.config.block_out_channels) - 1)
+
     # --- rollout -------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -185,19 +203,25 @@ class DiffusionGRPO(LatentDiffusionMethod):
         g, s, idx = o.group_size, len(self.grid), batch["index"].tolist()
         prompts = [self.prompts[i] for i in idx for _ in range(g)]
         t0 = time.perf_counter()
-        latent = self.resolution // 2 ** (len(self.parts.vae.config.block_out_channels) - 1)
-        shape = (g, s + 1, self.parts.unet.config.in_channels, latent, latent)
+        flow, latent = self.parts.is_flow, self.latent_size()
+        channels = self.parts.vae.config.latent_channels if flow else self.parts.unet.config.in_channels
+        shape = (g, s + 1, channels, latent, latent)
         noise = rows.randn("rollout_noise", shape, self.device).flatten(0, 1)  # [B*G, S+1, ...], per row
         w = o.train_steps_window or s
         start = int(rows.randint("window", 0, s - w + 1)[0]) if w < s else 0  # one window per rollout
         self.steps = torch.arange(start, start + w)
         etas = torch.zeros(s)
-        etas[self.steps] = o.eta
+        etas[self.steps] = o.flow_noise_level if flow else o.eta
         cond = {k: v.repeat_interleave(g, 0) for k, v in self.encode([self.prompts[i] for i in idx]).items()}
         uncond = None if self.guidance == 1 else \
             {k: v.expand(len(prompts), *v.shape[1:]) for k, v in self.empty.items()}
-        self.traj = sample_trajectories(policy, cond, uncond, noise, self.grid, etas, self.guidance, self.kind,
-                                        o.rollout_batch, self.decode)
+        if flow:
+            self.traj = sample_flow_trajectories(policy, cond, uncond, noise, self.grid, etas, self.guidance,
+                                                 o.rollout_batch, self.decode)
+        else:
+            self.traj = sample_trajectories(policy, cond, uncond, noise, self.grid, etas, self.guidance,
+                                            self.parts.noise_scheduler.config.prediction_type, o.rollout_batch,
+                                            self.decode)
         t1 = time.perf_counter()
         total, metrics = self.rewards(self.traj.images, prompts)
         adv, adv_metrics = group_advantages(total.view(len(idx), g))
@@ -215,21 +239,24 @@ class DiffusionGRPO(LatentDiffusionMethod):
     # --- training ------------------------------------------------------------------------------------------
 
     def step_inputs(self, sel: torch.Tensor, steps: torch.Tensor) -> dict:
-        """The stored (x_t, x_prev, t, ᾱs, η, cond) of trajectories `sel` at `steps`, flattened sample-major."""
+        """The stored (x_t, x_prev, the grid's per-step fields (t, ᾱs; flow: σs), η, cond) of trajectories `sel`
+        at `steps`, flattened sample-major: keyword arguments of `self.step_log_prob`."""
         tr, k = self.traj, len(steps)
         lat = tr.latents[sel.to(tr.latents.device)]
         per_step = lambda v: v[steps].to(self.device).repeat(len(sel))  # noqa: E731
         per_row = lambda c: None if c is None else \
             {n: v[sel].repeat_interleave(k, 0) for n, v in c.items()}  # noqa: E731
-        return {"x_t": lat[:, steps].flatten(0, 1), "x_prev": lat[:, steps + 1].flatten(0, 1),
-                "t": per_step(tr.grid.timesteps), "abar_t": per_step(tr.grid.abar_t),
-                "abar_prev": per_step(tr.grid.abar_prev), "eta": per_step(tr.etas), "cond": per_row(tr.cond),
-                "uncond": per_row(tr.uncond), "guidance": tr.guidance, "kind": self.kind}
+        x = {"x_t": lat[:, steps].flatten(0, 1), "x_prev": lat[:, steps + 1].flatten(0, 1),
+             **{name: per_step(v) for name, v in tr.grid.fields().items()}, "eta": per_step(tr.etas),
+             "cond": per_row(tr.cond), "uncond": per_row(tr.uncond), "guidance": tr.guidance}
+        if not self.parts.is_flow:
+            x["kind"] = self.parts.noise_scheduler.config.prediction_type
+        return x
 
     def recompute(self, policy, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """(log-probs [M, K] of the trained steps under `policy`, μ, σ, the inputs): one forward."""
         x = self.step_inputs(sel, self.steps)
-        lp, mean, std = step_log_prob(policy, **x)
+        lp, mean, std = self.step_log_prob(policy, **x)
         return lp.view(len(sel), len(self.steps)), mean, std, x
 
     def loss(self, policy, batch):
@@ -244,7 +271,7 @@ class DiffusionGRPO(LatentDiffusionMethod):
         kl = None
         if o.kl_beta:
             x.pop("x_prev")
-            ref_mean, _ = self.ref(lambda model: step_stats(model, **x))
+            ref_mean, _ = self.ref(lambda model: self.step_stats(model, **x))
             kl = gaussian_kl(mean, ref_mean, std).view(lp.shape)
         loss, metrics = grpo_loss(lp, old, self.adv[sel], o.clip_range, kl, o.kl_beta)
         now = time.perf_counter()

@@ -38,6 +38,10 @@ class DDIMGrid:
     def __len__(self) -> int:
         return len(self.timesteps)
 
+    def fields(self) -> dict[str, torch.Tensor]:
+        """Per-step inputs of `step_stats` by keyword, [S] each."""
+        return {"t": self.timesteps, "abar_t": self.abar_t, "abar_prev": self.abar_prev}
+
 
 def ddim_grid(scheduler_config, steps: int) -> DDIMGrid:
     """DDIMScheduler's grid for `steps` from a pipeline's scheduler config (spacing, offset, final ᾱ)."""
@@ -121,8 +125,8 @@ class Trajectory:
     output (latents[:, S] the final latent); log_probs[:, k] its log-prob (0 where etas[k] = 0)."""
     latents: torch.Tensor  # [N, S + 1, C, h, w]
     log_probs: torch.Tensor  # [N, S]
-    grid: DDIMGrid
-    etas: torch.Tensor  # [S]
+    grid: DDIMGrid  # flow rollouts: rollout_flow.FlowGrid
+    etas: torch.Tensor  # [S] (flow: the SDE noise level a)
     cond: dict  # [N, ...] each
     uncond: dict | None
     guidance: float
@@ -169,10 +173,12 @@ def sample_trajectories(predict: Predict, cond: dict, uncond: dict | None, noise
 
 
 def vae_decoder(vae) -> Callable[[torch.Tensor], torch.Tensor]:
-    """latents (× the VAE's scaling factor) -> images in [0, 1], fp32."""
+    """latents z -> images in [0, 1], fp32: decode(z / scaling_factor + shift_factor) (SD3/FLUX VAEs have a
+    shift factor; SD1.5/SDXL none)."""
     def decode(z: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample
+            z = z.to(vae.dtype) / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)
+            x = vae.decode(z).sample
         return (x.float() / 2 + 0.5).clamp(0, 1)
     return decode
 
@@ -203,22 +209,30 @@ def flow_sde_step(v: torch.Tensor, x: torch.Tensor, sigma, sigma_next, noise_lev
 
     σ, σ_next: floats or [N]. At σ = 1, s is infinite: pass `sigma_cap` (Flow-GRPO uses the grid's second σ),
     used in place of σ in the (1 − σ) denominator. With noise_level 0 the step is the Euler ODE step."""
-    sig = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(len(x))
-    nxt = torch.as_tensor(sigma_next, dtype=x.dtype, device=x.device).expand(len(x))
-    if bool((nxt >= sig).any()):
-        raise ValueError("flow_sde_step integrates towards data: sigma_next must be below sigma")
-    if bool((sig >= 1).any()) and sigma_cap is None:
-        raise ValueError("flow_sde_step at sigma = 1 needs sigma_cap (the SDE's noise scale is infinite there)")
-    denom = 1 - (torch.where(sig >= 1, torch.full_like(sig, sigma_cap or 0.0), sig))
-    s = noise_level * (sig / denom).sqrt()
-    dt = nxt - sig
-    mean = x * _col(1 + s ** 2 * dt / (2 * sig), x) + v * _col((1 + s ** 2 * (1 - sig) / (2 * sig)) * dt, x)
-    std = s * (-dt).sqrt()
+    mean, std = flow_sde_stats(v, x, sigma, sigma_next, noise_level, sigma_cap)
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     sample = mean + _col(std, x) * noise
     log_prob = gaussian_log_prob(sample, mean, std) if bool((std > 0).all()) else None
     return FlowStep(sample, mean, std, log_prob)
+
+
+def flow_sde_stats(v: torch.Tensor, x: torch.Tensor, sigma, sigma_next, noise_level, sigma_cap=None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ [N, ...], std [N]) of `flow_sde_step`; sigma, sigma_next, noise_level, sigma_cap: floats or [N]."""
+    def rows(v):
+        return torch.as_tensor(v, dtype=x.dtype, device=x.device).expand(len(x))
+
+    sig, nxt = rows(sigma), rows(sigma_next)
+    if bool((nxt >= sig).any()):
+        raise ValueError("flow_sde_step integrates towards data: sigma_next must be below sigma")
+    if bool((sig >= 1).any()) and sigma_cap is None:
+        raise ValueError("flow_sde_step at sigma = 1 needs sigma_cap (the SDE's noise scale is infinite there)")
+    denom = 1 - torch.where(sig >= 1, rows(0.0 if sigma_cap is None else sigma_cap), sig)
+    s = rows(noise_level) * (sig / denom).sqrt()
+    dt = nxt - sig
+    mean = x * _col(1 + s ** 2 * dt / (2 * sig), x) + v * _col((1 + s ** 2 * (1 - sig) / (2 * sig)) * dt, x)
+    return mean, s * (-dt).sqrt()
 
 
 def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
