@@ -29,6 +29,12 @@ def cmd_train(a) -> None:
     print(json.dumps(summary, default=str))
 
 
+def cmd_export(a) -> None:
+    from .core.export import export_run
+
+    print(f"exported: {export_run(a.run, a.step, a.out)}")
+
+
 def check_rows_fit_batch(exp) -> None:
     """Refuse, before any model loads, a data source with fewer rows than one global batch (counted without
     decoding; unknown counts, e.g. hub ids, are left to the trainer's own check)."""
@@ -219,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print every key of the recipe's method config (after the overrides) with its default, "
                         "valid values and doc, and exit without training")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("export", help="export a run's checkpoint (intermediate steps) like its final/",
+                       description="Write the policy of a run's checkpoint with the method's own exporter, as the "
+                                   "run writes final/ (pipeline, LoRA, adapter or model): sample or evaluate it.")
+    p.add_argument("run", help="the run's output_dir (holds config.yaml and checkpoints/)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--out", default=None, help="output folder (default: <run>/export-step-N)")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("list", help="list the training methods and the shipped recipes",
                        description="The methods a recipe's `method:` key can name, and the recipes under configs/.")
