@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The exact command that built the shipped ShapeWorld motion adapter (mmalign/assets/shapeworld_motion):
 # fresh zero-output motion modules on the frozen shipped image base, 300 steps x 8 clips of 8 frames, 1 thread.
-# (Direction-following attempts with --init-adapter/--lora-rank/--lora-where/--t-min, and on a lent GPU via
-# benchmarks/device_motion.py: see the adapter's README; none shipped.)
+# (Direction-following attempts with --init-adapter/--lora-rank/--lora-where/--t-min, with the text encoder trained
+# jointly (--train-text, --sep-weight), and on a lent GPU via benchmarks/device_motion.py: see the adapter's
+# README; none shipped.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -8,7 +8,9 @@ sample held-out seeds and measure direction accuracy with the exact motion score
 
 Writes the MotionAdapter (config.json + safetensors), train_log.jsonl and eval.json into --out. Options for the
 direction-following attempts (README): --init-adapter (continue an adapter), --lora-rank (spatial attention LoRA
-trained jointly, fused and written to --out/unet), --t-min (train on high-noise timesteps only).
+trained jointly, fused and written to --out/unet), --t-min (train on high-noise timesteps only), --train-text
+(the text encoder trained jointly, written to --out/text_encoder; --sep-weight adds a hinge separating captions
+that differ only in the direction word). --sep-only / --gap-only / --eval-only: the diagnostics alone.
 scripts/build_shapeworld_motion.sh holds the exact command that built the shipped adapter.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ from mmalign.core.stats import bootstrap_ci
 from mmalign.video.clips import shapeworld_clips
 from mmalign.video.methods import VideoConfig, VideoDataConfig, VideoModelConfig, VideoTemporalTraining
 from mmalign.video.sampling import sample_videos, video_pipeline
+from mmalign.video.text import VideoTextTemporalTraining, shipped_text_encoder, token_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "mmalign/assets/shapeworld_sd"
@@ -38,7 +41,7 @@ EVAL_SEED = 90_000  # held-out clip seeds (training clips use --seed)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class HighNoiseTraining(VideoTemporalTraining):
+class HighNoiseMixin:
     """video_temporal with t drawn from [t_min, T): the trajectory (hence the direction) is decided at high noise;
     at low noise x_t already shows where the object is."""
 
@@ -48,6 +51,42 @@ class HighNoiseTraining(VideoTemporalTraining):
 
     def sample_t(self, rows, device=None, shape=(), low: int = 0) -> torch.Tensor:
         return super().sample_t(rows, device, shape, max(low, self.t_min))
+
+
+class HighNoiseTraining(HighNoiseMixin, VideoTemporalTraining):
+    pass
+
+
+class HighNoiseTextTraining(HighNoiseMixin, VideoTextTemporalTraining):
+    """The same with the text encoder trained jointly (--train-text)."""
+
+
+@torch.no_grad()
+def text_separation(adapter_dir: str) -> dict:
+    """How far apart the text encoder (the adapter's own, else the base's) puts captions that differ only in the
+    direction word: |e(c) - e(c')| / |e(c)| at the direction token and over the whole sequence, mean over the
+    colour x shape grid, per direction pair; "red" vs "blue" (colour token) for scale."""
+    from transformers import AutoTokenizer, CLIPTextModel
+    from mmalign.datasets.shapeworld.scene import COLOURS, SHAPES
+
+    te = (shipped_text_encoder(adapter_dir) if adapter_dir else None) or CLIPTextModel.from_pretrained(
+        BASE, subfolder="text_encoder")
+    tok = AutoTokenizer.from_pretrained(BASE, subfolder="tokenizer")
+
+    def rel(words_a, words_b, word_pos):
+        a, b = te(token_ids(tok, words_a))[0], te(token_ids(tok, words_b))[0]
+        tok_d = ((a - b)[:, word_pos].norm(dim=-1) / a[:, word_pos].norm(dim=-1)).mean().item()
+        seq_d = ((a - b).flatten(1).norm(dim=-1) / a.flatten(1).norm(dim=-1)).mean().item()
+        return {"token": round(tok_d, 4), "sequence": round(seq_d, 4)}
+
+    grid = [(c, s) for c in COLOURS for s in SHAPES]
+    pos = len(token_ids(tok, ["a red circle moving"])[0].nonzero()) - 1  # <bos> a red circle moving |dir|
+    out = {f"{d1}-{d2}": rel([motion_caption(c, s, d1) for c, s in grid], [motion_caption(c, s, d2) for c, s in grid],
+                             pos)
+           for d1, d2 in (("left", "right"), ("up", "down"), ("left", "up"))}
+    out["red-blue"] = rel([motion_caption("red", s, "left") for s in SHAPES],
+                          [motion_caption("blue", s, "left") for s in SHAPES], 2)
+    return out
 
 
 def evaluate(adapter_dir: str, n: int, steps: int, guidance: float, seed: int = EVAL_SEED) -> dict:
@@ -117,12 +156,23 @@ def main():
     ap.add_argument("--eval-steps", type=int, default=10)
     ap.add_argument("--eval-guidance", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--train-text", action="store_true", help="train the text encoder jointly (ships text_encoder/)")
+    ap.add_argument("--sep-weight", type=float, default=0.0, help="--train-text: direction-separation hinge weight")
+    ap.add_argument("--sep-margin", type=float, default=0.5, help="--train-text: the hinge's relative distance")
     ap.add_argument("--gap-only", default="", help="only print direction_gap for this adapter directory")
+    ap.add_argument("--sep-only", default=None, help="only print text_separation for this adapter dir ('': base)")
+    ap.add_argument("--eval-only", default="", help="only evaluate this adapter directory (prints the result)")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     if a.gap_only:
         print(json.dumps(direction_gap(a.gap_only, a.eval_n)))
         return
-    torch.set_num_threads(a.threads)
+    if a.sep_only is not None:
+        print(json.dumps(text_separation(a.sep_only)))
+        return
+    if a.eval_only:
+        print(json.dumps(evaluate(a.eval_only, a.eval_n, a.eval_steps, a.eval_guidance)))
+        return
     t0 = time.time()
     cfg = VideoConfig(VideoModelConfig(pretrained=str(BASE), motion_heads=a.heads, motion_layers=a.layers,
                                       max_frames=32,
@@ -131,7 +181,10 @@ def main():
     exp = Experiment("video_temporal", a.work, TrainConfig(lr=a.lr, max_steps=a.steps, batch_size=a.batch,
                                                             warmup_steps=a.warmup, log_every=10, seed=a.seed,
                                                             max_minutes=a.max_minutes, resume="never"), cfg)
-    summary = train(exp, HighNoiseTraining(cfg, a.work, t_min=a.t_min))
+    method = (HighNoiseTextTraining(cfg, a.work, data=shapeworld_clips(a.clips, a.seed, 8, 32), t_min=a.t_min,
+                                    sep_weight=a.sep_weight, sep_margin=a.sep_margin) if a.train_text
+              else HighNoiseTraining(cfg, a.work, t_min=a.t_min))
+    summary = train(exp, method)
     train_s = time.time() - t0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,12 +194,15 @@ def main():
     result = {"train": {"steps": summary["step"], "max_steps": a.steps, "stopped": summary.get("stopped", ""),
                         "layers": a.layers, "device": DEVICE.type,
                         "batch": a.batch, "clips": a.clips, "lr": a.lr, "heads": a.heads,
-                        "init_adapter": a.init_adapter, "lora_rank": a.lora_rank, "lora_where": a.lora_where, "warmup": a.warmup, "t_min": a.t_min,
+                        "init_adapter": a.init_adapter, "lora_rank": a.lora_rank, "lora_where": a.lora_where,
+                        "warmup": a.warmup, "t_min": a.t_min,
+                        "train_text": a.train_text, "sep_weight": a.sep_weight, "sep_margin": a.sep_margin,
                         "seed": a.seed, "threads": a.threads, "seconds": round(train_s, 1),
                         "final_metrics": summary["metrics"]},
               "eval": evaluate(str(out), a.eval_n, a.eval_steps, a.eval_guidance) if a.eval_n else {}}
     if a.eval_n:
         result["eval"]["direction_gap"] = direction_gap(str(out), a.eval_n)
+        result["eval"]["text_separation"] = text_separation(str(out))
     result["eval"]["seconds"] = round(time.time() - t0 - train_s, 1)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))

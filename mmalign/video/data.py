@@ -41,7 +41,8 @@ def cache_key(method, kind: str, data: dict, **more) -> dict:
             "model": model_fingerprint(p.source, ["vae", "text_encoder", "tokenizer"]),
             "dtypes": [str(p.vae.dtype), str(p.text_encoder.dtype)], "data": data,
             "num_frames": d.num_frames, "stride": STRIDE, "start": START, "resolution": method.resolution,
-            "bad_rows": d.bad_rows, "shard_rows": d.shard_rows, **more}
+            "bad_rows": d.bad_rows, "shard_rows": d.shard_rows, **more,
+            **({"text_encoder": model_fingerprint(method.text_source, ["text_encoder"])} if method.text_source else {})}
 
 
 def _encode(method, key: dict, source, prepare, sides: tuple, desc: str):

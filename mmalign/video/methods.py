@@ -93,6 +93,7 @@ class VideoMethod(LatentDiffusionMethod):
     def __init__(self, cfg: VideoConfig, output_dir: str, data: list | None = None):
         super().__init__(cfg, output_dir)
         self.data = data
+        self.text_source = ""  # the motion adapter directory whose text_encoder/ replaced the base's, if any
         m = cfg.model
         if m.reference == "adapters_off" and self.needs_reference and (m.lora_rank == 0 or m.train_motion
                                                                        or m.blend != "none"):
@@ -109,8 +110,13 @@ class VideoMethod(LatentDiffusionMethod):
         adapter = MotionAdapter.from_pretrained(m.motion_adapter) if m.motion_adapter else None
         if m.motion_adapter:
             from .sampling import shipped_spatial_unet
+            from .text import shipped_text_encoder
 
             p.unet = shipped_spatial_unet(m.motion_adapter) or p.unet  # the adapter's own (fused) image UNet
+            te = shipped_text_encoder(m.motion_adapter)  # the video model's own text encoder (frozen here)
+            if te is not None:
+                p.text_encoder = te.to(device).requires_grad_(False).eval()
+                self.text_source = m.motion_adapter
         unet = inflate(p.unet, adapter, MotionSpec(m.motion_heads, m.motion_layers, m.max_frames))
         if m.blend == "alpha":
             add_alpha_blend(unet, m.alpha_init, learned=True)
@@ -139,10 +145,11 @@ class VideoMethod(LatentDiffusionMethod):
         return self.drop_captions({"ctx": batch["ctx"]}, self.cfg.data.caption_dropout, rows)["ctx"]
 
     def save_pretrained(self, policy: nn.Module, out_dir: str) -> None:
-        """`out_dir/motion_adapter` (MotionAdapter) and `out_dir/pipeline` (AnimateDiffPipeline directory)."""
+        """`out_dir/motion_adapter` (MotionAdapter; with the video model's own text encoder when it has one) and
+        `out_dir/pipeline` (AnimateDiffPipeline directory)."""
         from .sampling import save_video_model
 
-        save_video_model(self.cfg.model.pretrained, policy.unet, out_dir)
+        save_video_model(self.cfg.model.pretrained, policy.unet, out_dir, text_encoder=self.parts.text_encoder)
 
 
 class VideoTemporalTraining(VideoMethod):

@@ -7,9 +7,11 @@ from pathlib import Path
 import torch
 from diffusers import AnimateDiffPipeline, MotionAdapter, StableDiffusionPipeline, UNet2DConditionModel, UNetMotionModel
 from PIL import Image
+from transformers import CLIPTextModel
 from tqdm.auto import tqdm
 
 from .temporal import exportable, extract_adapter
+from .text import TEXT_ENCODER, shipped_text_encoder, text_encoder_differs
 
 SPATIAL_UNET = "unet"  # optional sub-folder of an adapter directory: the image UNet it was trained with
 
@@ -36,17 +38,20 @@ def spatial_unet_from_video(video_unet: UNetMotionModel | str | Path,
 
 
 def video_pipeline(image_pipeline: str | Path | StableDiffusionPipeline,
-                   motion: MotionAdapter | UNetMotionModel | str | Path) -> AnimateDiffPipeline:
+                   motion: MotionAdapter | UNetMotionModel | str | Path,
+                   text_encoder: torch.nn.Module | None = None) -> AnimateDiffPipeline:
     """An AnimateDiffPipeline from an SD1.5-format image pipeline (directory or loaded) and either a
     MotionAdapter (object or directory: the pipeline inflates the image UNet with it; a directory with a
-    `unet/` sub-folder supplies that image UNet instead of the pipeline's) or a video UNet built by
-    `temporal.inflate` (used as is, after folding blends and merging LoRA)."""
+    `unet/` sub-folder supplies that image UNet instead of the pipeline's, one with a `text_encoder/` sub-folder
+    that text encoder) or a video UNet built by `temporal.inflate` (used as is, after folding blends and merging
+    LoRA). `text_encoder`: use this one instead of the pipeline's (or the directory's)."""
     img = (image_pipeline if isinstance(image_pipeline, StableDiffusionPipeline)
            else StableDiffusionPipeline.from_pretrained(image_pipeline, safety_checker=None,
                                                         requires_safety_checker=False))
-    unet = img.unet
+    unet, te = img.unet, img.text_encoder
     if isinstance(motion, (str, Path)):
         unet = shipped_spatial_unet(motion) or unet
+        te = shipped_text_encoder(motion) or te
         motion = MotionAdapter.from_pretrained(motion)
     if isinstance(motion, MotionAdapter):
         adapter = motion
@@ -55,19 +60,27 @@ def video_pipeline(image_pipeline: str | Path | StableDiffusionPipeline,
     else:
         raise TypeError(f"motion must be a MotionAdapter, a UNetMotionModel or a directory, "
                         f"got {type(motion).__name__}")
-    pipe = AnimateDiffPipeline(vae=img.vae, text_encoder=img.text_encoder, tokenizer=img.tokenizer, unet=unet,
+    pipe = AnimateDiffPipeline(vae=img.vae, text_encoder=text_encoder or te, tokenizer=img.tokenizer, unet=unet,
                                motion_adapter=adapter, scheduler=img.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def save_video_model(image_pipeline: str | Path, video_unet: UNetMotionModel, out_dir: str | Path) -> dict:
+def save_video_model(image_pipeline: str | Path, video_unet: UNetMotionModel, out_dir: str | Path,
+                     text_encoder: torch.nn.Module | None = None) -> dict:
     """Write `out_dir/motion_adapter` (MotionAdapter.from_pretrained; plus its `unet/`, the image UNet, when the
-    video UNet's spatial weights differ from the pipeline's: spatial LoRA fused) and `out_dir/pipeline` (a full
-    AnimateDiffPipeline directory: AnimateDiffPipeline.from_pretrained). Returns the two paths."""
+    video UNet's spatial weights differ from the pipeline's: spatial LoRA fused; plus `text_encoder/` when
+    `text_encoder` differs from the pipeline's) and `out_dir/pipeline` (a full AnimateDiffPipeline directory:
+    AnimateDiffPipeline.from_pretrained). Returns the two paths."""
     out = Path(out_dir)
     extract_adapter(video_unet).save_pretrained(out / "motion_adapter")
-    pipe = video_pipeline(image_pipeline, video_unet)  # motion_adapter None: the UNet holds the motion modules
+    if text_encoder is not None:
+        base_te = CLIPTextModel.from_pretrained(image_pipeline, subfolder="text_encoder")
+        if text_encoder_differs(text_encoder, base_te):
+            text_encoder.save_pretrained(out / "motion_adapter" / TEXT_ENCODER)
+        else:
+            text_encoder = None
+    pipe = video_pipeline(image_pipeline, video_unet, text_encoder)  # the UNet holds the motion modules
     base = UNet2DConditionModel.from_pretrained(image_pipeline, subfolder="unet")
     spatial = spatial_unet_from_video(pipe.unet, base)
     if any(not torch.equal(v, spatial.state_dict()[k]) for k, v in base.state_dict().items()):
