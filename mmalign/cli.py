@@ -118,9 +118,9 @@ def cmd_demo(a) -> None:
     from .demo.evals import diffusion_evals, mllm_evals, write_demo_report
 
     parts = [p for p in a.parts.split(",") if p]
-    unknown = sorted(set(parts) - {"diffusion", "mllm", "video"})
+    unknown = sorted(set(parts) - {"diffusion", "mllm", "video", "online"})
     if unknown or not parts:
-        sys.exit(f"error: --parts: unknown part(s) {unknown}; use diffusion, mllm, video (comma-separated)")
+        sys.exit(f"error: --parts: unknown part(s) {unknown}; use diffusion, mllm, video, online (comma-separated)")
     if "mllm" in parts:  # refuse a bad MLLM model before the long diffusion part
         from .demo.mllm import MLLMDemoSettings, format_mllm_results, run_mllm_demo
         if not Path(a.mllm_model).is_dir():
@@ -155,6 +155,11 @@ def cmd_demo(a) -> None:
         from .demo.video import format_video_results, run_video_demo
         video = run_video_demo(Path(a.out))
         print(format_video_results(video))
+    if "online" in parts:  # opt-in: GRPO runs take about an hour each on 2 CPU cores
+        from .demo.online import OnlineDemoSettings, format_online_results, run_online_demo
+        online = run_online_demo(Path(a.out), model=a.model, settings=OnlineDemoSettings(
+            n=a.n, split=a.split, steps=a.steps, guidance=a.guidance, train_steps=a.online_steps))
+        print(format_online_results(online))
     if not a.no_evals:
         print(f"report: {write_demo_report(Path(a.out))}")
 
@@ -315,8 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override for every diffusion method, e.g. objective.beta=2000 (repeatable)")
     p.add_argument("--parts", default="diffusion,mllm",
-                   help="which parts to run, comma-separated: diffusion, mllm, video (video is opt-in: it adds "
-                        "about 15 minutes on 2 CPU cores)")
+                   help="which parts to run, comma-separated: diffusion, mllm, video, online (video and online "
+                        "are opt-in: video adds about 15 minutes on 2 CPU cores, online (GRPO with the exact "
+                        "scorer, then with CLIPScore, as rewards) about an hour per run at 100 iterations)")
+    p.add_argument("--online-steps", type=int, default=100, help="GRPO iterations of each online run")
     p.add_argument("--mllm-model", default=str(SHAPEWORLD_LLAVA), help="the MLLM part's base: model directory")
     p.add_argument("--mllm-train-steps", type=int, default=300, help="optimizer steps of the MLLM part's DPO")
     p.add_argument("--mllm-recipe", default="shapeworld_mllm_dpo",

@@ -58,8 +58,9 @@ def _check_model(model) -> None:
 
 
 def load_sd_pipeline(model):
-    from diffusers import StableDiffusionPipeline
-    return StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, requires_safety_checker=False)
+    """A pipeline directory, hub id or training export (full pipeline or LoRA export on its recorded base)."""
+    from ..diffusion.load_for_sampling import load_for_sampling
+    return load_for_sampling(str(model))
 
 
 def evaluate(pipe, prompts, seeds, out: Path, s: DemoSettings, guidance: float | None = None) -> tuple[list, dict]:
