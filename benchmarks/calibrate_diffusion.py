@@ -6,7 +6,8 @@ half is kept for the reported numbers, `mmalign demo --split test`).
         --variant 'dpo_r2={"method": "diffusion_dpo", "rounds": 2}' \
         --variant 'dpo_sft={"method": "diffusion_dpo", "overrides": ["objective.sft_weight=1.0"]}'
 
-Each variant is a JSON object of demo.diffusion.DemoSettings fields (plus "method"); unspecified fields take
+Each variant is a JSON object of demo.diffusion.DemoSettings fields (plus "method", and "init" + "pair_round" to
+continue from an earlier variant's model on pairs drawn from it: a second on-policy round); unspecified fields take
 the demo's values. The base is sampled once per guidance and the on-policy pairs once per pair setting
 (prompts, samples per prompt, pairing, winner threshold), then reused by every variant, so a sweep costs one
 training and one evaluation per variant. Every variant's paired gain and win rate against the base (at the
@@ -29,6 +30,28 @@ from mmalign.demo.diffusion import (BASE_PIPELINE, EVAL_GUIDANCE, DemoSettings, 
 def pairs_key(s: DemoSettings) -> str:
     fields = (s.pair_prompts, s.per_prompt, s.pairing, s.min_winner_score, s.pair_steps, s.guidance)
     return hashlib.sha1(json.dumps(fields).encode()).hexdigest()[:10]
+
+
+def filter_pairs(src: Path, dst: Path, min_winner_score: float) -> None:
+    """The pairs of `src` whose winner scores at least `min_winner_score` (images linked, not copied)."""
+    rows = [json.loads(line) for line in (src / "metadata.jsonl").read_text().splitlines()]
+    kept = [r for r in rows if r["score_0"] >= min_winner_score]
+    dst.mkdir(parents=True)
+    (dst / "images").symlink_to((src / "images").resolve())
+    (dst / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    report = json.loads((src / "pairs_report.json").read_text())
+    (dst / "pairs_report.json").write_text(json.dumps({**report, "pairs": len(kept),
+                                                       "min_winner_score": min_winner_score}, indent=1))
+
+
+def base_samples(base, prompts, seeds, where: Path, s: DemoSettings, guidance: float) -> dict:
+    """The base's scored samples at `guidance`, computed once and kept in <where>/scores.json."""
+    cached = where / "scores.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    _, scored = evaluate(base, prompts, seeds, where, s, guidance)
+    cached.write_text(json.dumps({"summary": scored["summary"], "per_sample": scored["per_sample"]}))
+    return scored
 
 
 def main() -> None:
@@ -55,21 +78,29 @@ def main() -> None:
             continue
         fields = json.loads(body)
         method = fields.pop("method", "diffusion_dpo")
+        init = fields.pop("init", None)  # start from this model (e.g. an earlier variant's final) instead of the base
+        pair_round = fields.pop("pair_round", 1)  # > 1: pairs drawn from `init` on that round's new prompts
         s = replace(DemoSettings(n=a.n, split=a.split, methods=(method,)),
                     **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
         guidance = EVAL_GUIDANCE.get(method, s.guidance)
         if guidance not in base_scores:
-            _, base_scores[guidance] = evaluate(base, prompts, seeds, out / f"base_g{guidance:g}", s, guidance)
-        pairs_dir = out / f"pairs_{pairs_key(s)}"
+            base_scores[guidance] = base_samples(base, prompts, seeds, out / f"base_g{guidance:g}", s, guidance)
+        pairs_dir = out / (f"pairs_{pairs_key(s)}" if init is None else f"pairs_{pairs_key(s)}_{name}")
         if not (pairs_dir / "pairs_report.json").is_file():
-            onpolicy_pairs(base, pairs_dir, s)
+            unfiltered = out / f"pairs_{pairs_key(replace(s, min_winner_score=None))}"
+            if init is not None:
+                onpolicy_pairs(load_sd_pipeline(init), pairs_dir, s, pair_round)
+            elif s.min_winner_score is not None and (unfiltered / "pairs_report.json").is_file():
+                filter_pairs(unfiltered, pairs_dir, s.min_winner_score)  # the same samples, winners filtered
+            else:
+                onpolicy_pairs(base, pairs_dir, s)
         n_pairs = json.loads((pairs_dir / "pairs_report.json").read_text())["pairs"]
         t0 = time.time()
-        final, extra = run_method(method, BASE_PIPELINE, out / name, s, pairs_dir)
+        final, extra = run_method(method, init or BASE_PIPELINE, out / name, s, pairs_dir)
         train_s = round(time.time() - t0, 1)
         _, scored = evaluate(load_sd_pipeline(final), prompts, seeds, out / name / "eval", s, guidance)
         cmp = compare_scores(scored["per_sample"], base_scores[guidance]["per_sample"], reward_from_scores)
-        done[name] = {"method": method, "settings": asdict(s), "pairs": n_pairs, "guidance": guidance,
+        done[name] = {"method": method, "settings": asdict(s), "init": init, "pair_round": pair_round, "pairs": n_pairs, "guidance": guidance,
                       "base_correct": base_scores[guidance]["summary"]["correct"]["mean"],
                       "correct": scored["summary"]["correct"]["mean"], "gain": cmp["gain"],
                       "win_rate": cmp["win_rate"], "train_seconds": train_s, **extra}

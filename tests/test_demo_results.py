@@ -104,7 +104,7 @@ def test_miniature_demo_rounds_overrides_and_guidance_free_baseline(tmp_path):
 
     s = DemoSettings(n=4, steps=2, pair_prompts=4, per_prompt=4, pair_steps=2, train_steps=1, batch_size=4,
                      methods=("diffusion_dpo", "diffusion_cca"), rounds=2, split="validation",
-                     overrides=("objective.sft_weight=0.5",))
+                     overrides=("objective.sft_weight=0.5", "train.lr=1e-4"))  # as typed after `mmalign train`
     res = run_demo(tmp_path, settings=s)
     assert all(heldout_part(p) == "validation" for p in heldout_prompts(4, "validation"))
     assert res["settings"]["split"] == "validation" and "accuracy_guidance1" in res["base"]
@@ -114,6 +114,6 @@ def test_miniature_demo_rounds_overrides_and_guidance_free_baseline(tmp_path):
     assert [r["round"] for r in dpo["rounds"]] == [1, 2] and "pairs" in dpo["rounds"][1]
     second = yaml.safe_load((tmp_path / "diffusion_dpo" / "round2" / "diffusion_dpo" / "config.yaml").read_text())
     assert second["model"]["pretrained"] == str(tmp_path / "diffusion_dpo" / "round1" / "diffusion_dpo" / "final")
-    assert second["objective"]["sft_weight"] == 0.5
+    assert second["objective"]["sft_weight"] == 0.5 and second["train"]["lr"] == 1e-4
     with pytest.raises(ValueError, match="split must be"):
         heldout_prompts(4, "heldout")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 
 
-def load_demo_recipe(recipe: str, overrides: dict[str, object]):
+def load_demo_recipe(recipe: str, overrides: dict[str, object], extra: tuple[str, ...] = ()):
     """The Experiment of `configs/<recipe>.yaml` with `overrides` ({dotted key: value}) and train.resume=never.
-    Values are written as JSON, which YAML reads back unchanged (a path stays a string)."""
+    Values are written as JSON, which YAML reads back unchanged (a path stays a string). `extra`: "key=value"
+    overrides as a user types them after `mmalign train` (calibration sweeps), applied last."""
     from ..core.registry import RECIPES, load_recipe
 
     path = RECIPES / f"{recipe}.yaml"
@@ -19,4 +20,5 @@ def load_demo_recipe(recipe: str, overrides: dict[str, object]):
         raise FileNotFoundError(f"{path}: the demo trains from the repository's recipes (configs/), which a bare "
                                 f"wheel install lacks")
     items = [f"{k}={json.dumps(v, default=str)}" for k, v in {**overrides, "train.resume": "never"}.items()]
+    items += list(extra)
     return load_recipe(path, items)

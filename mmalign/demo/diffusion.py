@@ -83,19 +83,13 @@ def train_method(name: str, model, pairs_dir: Path, out: Path, s: DemoSettings) 
 
     with open(pairs_dir / "metadata.jsonl") as f:
         n_pairs = sum(1 for _ in f)
-    extra = dict(o.split("=", 1) for o in s.overrides)
     exp = load_demo_recipe(f"shapeworld_{name}", {
         "model.pretrained": str(model), "data.path": str(pairs_dir), "data.cache_dir": str(out / "cache"),
         "output_dir": str(out / name), "train.max_steps": s.train_steps,
-        "train.batch_size": min(s.batch_size, n_pairs), **{k: _yaml_value(v) for k, v in extra.items()}})
+        "train.batch_size": min(s.batch_size, n_pairs)}, extra=s.overrides)
     t0 = time.time()
     train(exp, method_class(exp.method)(exp.args, exp.output_dir))
     return round(time.time() - t0, 1)
-
-
-def _yaml_value(text: str):
-    import yaml
-    return yaml.safe_load(text)
 
 
 def onpolicy_pairs(pipe, out: Path, s: DemoSettings, round_: int = 1) -> dict:

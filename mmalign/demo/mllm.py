@@ -38,12 +38,10 @@ def _dpo(model: str, pairs_dir: Path, out: Path, s: MLLMDemoSettings) -> float:
     from ..core.registry import method_class
     from ..core.trainer import train
 
-    import yaml
-
-    extra = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in s.overrides)}
     exp = load_demo_recipe(s.recipe, {
         "model.pretrained": str(model), "data.path": str(pairs_dir), "data.ref_cache_dir": str(out / "ref_cache"),
-        "output_dir": str(out), "train.max_steps": s.train_steps, "train.batch_size": s.batch_size, **extra})
+        "output_dir": str(out), "train.max_steps": s.train_steps, "train.batch_size": s.batch_size},
+        extra=s.overrides)
     t0 = time.time()
     train(exp, method_class(exp.method)(exp.args, exp.output_dir))
     return round(time.time() - t0, 1)
