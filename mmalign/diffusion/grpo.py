@@ -37,10 +37,8 @@ from ..core.row_rng import RowRandom, mix
 from ..datasets.records import SkipReport
 from .grpo_losses import gaussian_kl, group_advantages, grpo_loss
 from .latent_method import LatentDiffusionMethod
-from .flow import FLOW_ATTENTION_PROJECTIONS
-from .lora import ATTENTION_PROJECTIONS, add_lora
 from .pipeline import encode_prompts, make_time_ids
-from .preference import DTYPES, CondUNet, PrefModelConfig
+from .preference import PrefModelConfig, build_cond_policy
 from .rewards import Rewards
 from .rollout import Trajectory, ddim_grid, sample_trajectories, step_log_prob, step_stats, vae_decoder
 from .rollout_flow import flow_grid, flow_step_log_prob, flow_step_stats, sample_flow_trajectories
@@ -144,17 +142,8 @@ class DiffusionGRPO(LatentDiffusionMethod):
         from diffusers import DDIMScheduler
 
         m = self.cfg.model
-        p = self.load_parts(m.pretrained, device, DTYPES[m.dtype])
-        if m.lora_rank > 0:
-            flow_default = p.is_flow and m.lora_targets == ATTENTION_PROJECTIONS  # + joint attention's text stream
-            add_lora(p.unet, m.lora_rank, m.lora_alpha, FLOW_ATTENTION_PROJECTIONS if flow_default else m.lora_targets)
-            for q in p.unet.parameters():
-                if q.requires_grad:
-                    q.data = q.data.float()  # trainable adapters in fp32 over a low-precision frozen base
-        policy = CondUNet(p.unet)
-        self.attach_reference(m.reference, policy)
-        if self.ref is not None and hasattr(self.ref, "model"):
-            self.ref.model.to(device)
+        policy = build_cond_policy(self, m, device)
+        p = self.parts
         if p.is_flow:  # the grid depends on the resolution: dataset()
             self.step_stats, self.step_log_prob = flow_step_stats, flow_step_log_prob
         else:

@@ -80,6 +80,24 @@ class CondUNet(UNetPolicy):
         return denoise(self.unet, x_t.to(input_dtype(self.unet)), t, cond)  # a bf16/fp16 frozen base
 
 
+def build_cond_policy(method: LatentDiffusionMethod, m: PrefModelConfig, device: torch.device) -> CondUNet:
+    """`method`'s pipeline loaded (`load_parts`), LoRA added when m.lora_rank > 0 (flow pipelines default to the
+    joint attention's projections as well), the denoiser wrapped as the policy and the reference attached on
+    `device`. Shared by the pair methods and GRPO."""
+    p = method.load_parts(m.pretrained, device, DTYPES[m.dtype])
+    if m.lora_rank > 0:
+        flow_default = p.is_flow and m.lora_targets == ATTENTION_PROJECTIONS  # + joint attention's text stream
+        add_lora(p.unet, m.lora_rank, m.lora_alpha, FLOW_ATTENTION_PROJECTIONS if flow_default else m.lora_targets)
+        for q in p.unet.parameters():
+            if q.requires_grad:
+                q.data = q.data.float()  # trainable adapters in fp32 over a low-precision frozen base
+    policy = CondUNet(p.unet)
+    method.attach_reference(m.reference, policy)
+    if method.ref is not None and hasattr(method.ref, "model"):
+        method.ref.model.to(device)
+    return policy
+
+
 class DiffusionPreference(LatentDiffusionMethod):
     """Base of the pair methods; a subclass defines `loss(policy, batch)` (see objectives.py)."""
 
@@ -97,18 +115,8 @@ class DiffusionPreference(LatentDiffusionMethod):
                               f"use train.mixed_precision)")
 
     def build(self, device: torch.device) -> nn.Module:
-        m = self.cfg.model
-        p = self.load_parts(m.pretrained, device, DTYPES[m.dtype])
-        if m.lora_rank > 0:
-            flow_default = p.is_flow and m.lora_targets == ATTENTION_PROJECTIONS
-            add_lora(p.unet, m.lora_rank, m.lora_alpha, FLOW_ATTENTION_PROJECTIONS if flow_default else m.lora_targets)
-            for q in p.unet.parameters():
-                if q.requires_grad:
-                    q.data = q.data.float()  # trainable adapters in fp32 over a low-precision frozen base
-        policy = CondUNet(p.unet)
-        self.attach_reference(m.reference, policy)
-        if self.ref is not None and hasattr(self.ref, "model"):
-            self.ref.model.to(device)
+        policy = build_cond_policy(self, self.cfg.model, device)
+        p = self.parts
         self.abar = None if p.is_flow else p.noise_scheduler.alphas_cumprod.to(device)  # DDIM inversion's
         return policy
 

@@ -133,13 +133,15 @@ class Trajectory:
     images: torch.Tensor | None = None  # [N, 3, H, W] in [0, 1]
 
 
+# one step of a sampler: (x [m, ...], step k, cond, uncond, m) -> (mean, std [m]) of that step's Gaussian
+StepFn = Callable[[torch.Tensor, int, dict, "dict | None", int], tuple[torch.Tensor, torch.Tensor]]
+
+
 @torch.no_grad()
-def sample_trajectories(predict: Predict, cond: dict, uncond: dict | None, noise: torch.Tensor, grid: DDIMGrid,
-                        etas: torch.Tensor, guidance: float, kind: str, max_batch: int = 64,
-                        decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Trajectory:
-    """Sample N trajectories (all prompts × group in one call), `max_batch` trajectories per model call
-    (doubled inside under CFG). noise: [N, S + 1, C, h, w]: noise[:, 0] is x_T, noise[:, k + 1] the draw of
-    step k. etas: [S] per-step η (0: a deterministic DDIM step). decode: final latents -> images."""
+def run_sampler(step: StepFn, cond: dict, uncond: dict | None, noise: torch.Tensor, grid, etas: torch.Tensor,
+                guidance: float, max_batch: int, decode: Callable[[torch.Tensor], torch.Tensor] | None) -> Trajectory:
+    """The loop every stochastic sampler shares: `max_batch` trajectories at a time, x_{k+1} = mean + std·z_k where
+    etas[k] > 0 (its Gaussian log-prob recorded), x_{k+1} = mean (log-prob 0) where it is 0; then `decode`."""
     n, s = noise.shape[0], len(grid)
     if noise.shape[1] != s + 1 or len(etas) != s:
         raise ValueError(f"noise must be [N, {s + 1}, ...] and etas [{s}] for {s} steps; got "
@@ -153,12 +155,10 @@ def sample_trajectories(predict: Predict, cond: dict, uncond: dict | None, noise
         x, m = noise[rows, 0], noise[rows].shape[0]
         xs, lp = [x], []
         for k in range(s):
-            full = lambda v: v[k].to(dev).expand(m)  # noqa: E731
-            mean, sigma = step_stats(predict, x, full(grid.timesteps), full(grid.abar_t), full(grid.abar_prev),
-                                     full(etas), c, u, guidance, kind)
+            mean, std = step(x, k, c, u, m)
             if float(etas[k]) > 0:
-                x = mean + sigma.reshape(-1, *[1] * (x.dim() - 1)) * noise[rows, k + 1]
-                lp.append(gaussian_log_prob(x, mean, sigma))
+                x = mean + std.reshape(-1, *[1] * (x.dim() - 1)) * noise[rows, k + 1]
+                lp.append(gaussian_log_prob(x, mean, std))
             else:
                 x = mean
                 lp.append(torch.zeros(m, device=dev))
@@ -170,6 +170,22 @@ def sample_trajectories(predict: Predict, cond: dict, uncond: dict | None, noise
     if decode is not None:
         images = torch.cat([decode(latents[lo:lo + max_batch, -1]) for lo in range(0, n, max_batch)])
     return Trajectory(latents, torch.cat(lps), grid, etas.to(dev), cond, uncond, guidance, images)
+
+
+def sample_trajectories(predict: Predict, cond: dict, uncond: dict | None, noise: torch.Tensor, grid: DDIMGrid,
+                        etas: torch.Tensor, guidance: float, kind: str, max_batch: int = 64,
+                        decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Trajectory:
+    """Sample N trajectories (all prompts × group in one call), `max_batch` trajectories per model call
+    (doubled inside under CFG). noise: [N, S + 1, C, h, w]: noise[:, 0] is x_T, noise[:, k + 1] the draw of
+    step k. etas: [S] per-step η (0: a deterministic DDIM step). decode: final latents -> images."""
+    dev = noise.device
+
+    def step(x, k, c, u, m):
+        full = lambda v: v[k].to(dev).expand(m)  # noqa: E731
+        return step_stats(predict, x, full(grid.timesteps), full(grid.abar_t), full(grid.abar_prev), full(etas), c, u,
+                          guidance, kind)
+
+    return run_sampler(step, cond, uncond, noise, grid, etas, guidance, max_batch, decode)
 
 
 def vae_decoder(vae) -> Callable[[torch.Tensor], torch.Tensor]:

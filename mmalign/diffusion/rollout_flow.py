@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .rollout import Predict, Trajectory, flow_sde_stats, gaussian_log_prob, guided
+from .rollout import Predict, Trajectory, flow_sde_stats, gaussian_log_prob, guided, run_sampler
 
 
 @dataclass
@@ -91,40 +91,16 @@ def flow_step_log_prob(predict: Predict, x_t: torch.Tensor, x_prev: torch.Tensor
     return gaussian_log_prob(x_prev, mean, std), mean, std
 
 
-@torch.no_grad()
 def sample_flow_trajectories(predict: Predict, cond: dict, uncond: dict | None, noise: torch.Tensor, grid: FlowGrid,
                              etas: torch.Tensor, guidance: float, max_batch: int = 64,
                              decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Trajectory:
     """Sample N trajectories, `max_batch` per model call (doubled inside under CFG). noise: [N, S + 1, C, h, w]:
     noise[:, 0] is x at σ = 1, noise[:, k + 1] the draw of step k. etas: [S] per-step noise level a (0: an Euler
     step). decode: final latents -> images."""
-    n, s = noise.shape[0], len(grid)
-    if noise.shape[1] != s + 1 or len(etas) != s:
-        raise ValueError(f"noise must be [N, {s + 1}, ...] and etas [{s}] for {s} steps; got "
-                         f"{tuple(noise.shape)} and {len(etas)}")
     dev, per_step = noise.device, grid.fields()
-    lat, lps = [], []
-    for lo in range(0, n, max_batch):
-        rows = slice(lo, min(n, lo + max_batch))
-        c = {k: v[rows] for k, v in cond.items()}
-        u = None if uncond is None else {k: v[rows] for k, v in uncond.items()}
-        x, m = noise[rows, 0], noise[rows].shape[0]
-        xs, lp = [x], []
-        for k in range(s):
-            at = {name: v[k].to(dev).expand(m) for name, v in per_step.items()}
-            mean, std = flow_step_stats(predict, x, **at, eta=etas[k].to(dev).expand(m), cond=c, uncond=u,
-                                        guidance=guidance)
-            if float(etas[k]) > 0:
-                x = mean + std.reshape(-1, *[1] * (x.dim() - 1)) * noise[rows, k + 1]
-                lp.append(gaussian_log_prob(x, mean, std))
-            else:
-                x = mean
-                lp.append(torch.zeros(m, device=dev))
-            xs.append(x)
-        lat.append(torch.stack(xs, 1))
-        lps.append(torch.stack(lp, 1))
-    latents = torch.cat(lat)
-    images = None
-    if decode is not None:
-        images = torch.cat([decode(latents[lo:lo + max_batch, -1]) for lo in range(0, n, max_batch)])
-    return Trajectory(latents, torch.cat(lps), grid, etas.to(dev), cond, uncond, guidance, images)
+
+    def step(x, k, c, u, m):
+        at = {name: v[k].to(dev).expand(m) for name, v in per_step.items()}
+        return flow_step_stats(predict, x, **at, eta=etas[k].to(dev).expand(m), cond=c, uncond=u, guidance=guidance)
+
+    return run_sampler(step, cond, uncond, noise, grid, etas, guidance, max_batch, decode)
