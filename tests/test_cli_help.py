@@ -140,7 +140,8 @@ def test_field_docs_reads_comments_above_and_after():
 # --- data.resolution against the model's native size ----------------------------------------------------------
 
 def fake_parts(native=64, vae_levels=4):
-    return SimpleNamespace(resolution=native,
+    """What data_resolution reads of SDComponents: the native size and the pixels per latent position."""
+    return SimpleNamespace(resolution=native, pixel_factor=2 ** (vae_levels - 1),
                            vae=SimpleNamespace(config=SimpleNamespace(block_out_channels=[8] * vae_levels)))
 
 

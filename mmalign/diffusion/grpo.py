@@ -48,7 +48,7 @@ from .rollout_flow import flow_grid, flow_step_log_prob, flow_step_stats, sample
 class PromptDataConfig:
     path: str = ""  # prompt file, one per line (blank and duplicate lines are counted skips)
     shapeworld_prompts: int = bounded(0, 0)  # with path "": this many training-split ShapeWorld captions
-    seed: int = 0  # seed of the ShapeWorld captions (datasets.shapeworld.sample_scenes)
+    seed: int = bounded(0, 0)  # seed of the ShapeWorld captions (datasets.shapeworld.sample_scenes)
     resolution: int = bounded(0, 0)  # 0: the model's native resolution
 
 

@@ -79,7 +79,8 @@ class LatentDiffusionMethod:
             return native
         factor = self.parts.pixel_factor
         if asked % factor:
-            raise ConfigError(f"data.resolution: {asked} is not a multiple of the model's factor {factor} "
+            patches = " with the transformer's 2x2 patches" if getattr(self.parts, "flow", None) else ""
+            raise ConfigError(f"data.resolution: {asked} is not a multiple of the VAE's factor{patches} {factor} "
                               f"(the model's native size is {native}; 0 uses it)")
         if asked > 4 * native:
             raise ConfigError(f"data.resolution: {asked} is more than 4x the model's native {native} px; "
