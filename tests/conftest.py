@@ -30,6 +30,26 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A StableDiffusion3Pipeline directory built from configs (mmalign.diffusion.tiny_flow), random weights."""
+    from mmalign.diffusion.tiny_flow import build_sd3_pipeline
+
+    out = tmp_path_factory.mktemp("tiny_sd3") / "pipe"
+    build_sd3_pipeline().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """A FluxPipeline directory built from configs, random weights."""
+    from mmalign.diffusion.tiny_flow import build_flux_pipeline
+
+    out = tmp_path_factory.mktemp("tiny_flux") / "pipe"
+    build_flux_pipeline().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """A StableDiffusionPipeline directory with the real CLIP BPE tokenizer (as SD1.5 has), random weights."""
     from mmalign.diffusion.tokenizers import clip_bpe_tokenizer

@@ -17,24 +17,10 @@ from mmalign.datasets.shapeworld import render_scene, sample_scenes
 from mmalign.diffusion.flow import FlowMatchForward, latent_ids, pack_latents, unpack_latents
 from mmalign.diffusion.pipeline import denoise, encode_prompts, load_sd_components
 from mmalign.diffusion.preference import PreferenceConfig
-from mmalign.diffusion.tiny_flow import build_flux_pipeline, build_sd3_pipeline
+from mmalign.diffusion.tiny_flow import build_sd3_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CAPTIONS = ["a red circle", "two blue squares", ""]
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sd3") / "pipe"
-    build_sd3_pipeline().save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("flux") / "pipe"
-    build_flux_pipeline().save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -72,17 +58,17 @@ def sd3_call(transformer, x, t, cond):
 
 # --- loading, forward process, conditioning -------------------------------------------------------------------
 
-def test_load_round_trip(sd3_dir, flux_dir, tmp_path):
+def test_load_round_trip(tiny_sd3_dir, tiny_flux_dir, tmp_path):
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
-    sd3, flux = load_sd_components(str(sd3_dir)), load_sd_components(str(flux_dir))
+    sd3, flux = load_sd_components(str(tiny_sd3_dir)), load_sd_components(str(tiny_flux_dir))
     assert (sd3.flow, flux.flow) == ("sd3", "flux") and not (sd3.is_sdxl or flux.is_sdxl)
     assert type(sd3.unet).__name__ == "SD3Transformer2DModel" and sd3.text_encoder_3 is not None
     assert type(flux.unet).__name__ == "FluxTransformer2DModel" and flux.text_encoder_3 is None
     assert sd3.resolution == 32 and sd3.pixel_factor == 4 and isinstance(sd3.noise_scheduler, FlowMatchForward)
-    ref = StableDiffusion3Pipeline.from_pretrained(str(sd3_dir)).transformer.state_dict()
+    ref = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3_dir)).transformer.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in sd3.unet.state_dict().items())
-    ref = FluxPipeline.from_pretrained(str(flux_dir)).transformer.state_dict()
+    ref = FluxPipeline.from_pretrained(str(tiny_flux_dir)).transformer.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in flux.unet.state_dict().items())
     no_t5 = tmp_path / "no_t5"  # an SD3 pipeline saved without T5 (text_encoder_3: null)
     build_sd3_pipeline(with_t5=False).save_pretrained(no_t5)
@@ -92,10 +78,10 @@ def test_load_round_trip(sd3_dir, flux_dir, tmp_path):
     assert not cond["ctx"][:, 16:].any()  # the pipeline's zeros in place of T5
 
 
-def test_forward_process_by_hand(sd3_dir, flux_dir):
+def test_forward_process_by_hand(tiny_sd3_dir, tiny_flux_dir):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(str(sd3_dir), subfolder="scheduler")
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(str(tiny_sd3_dir), subfolder="scheduler")
     fwd = FlowMatchForward(sched)
     # index 499 -> s = 500/1000 = 0.5; SD3's shift 3: sigma = 3*0.5 / (1 + 2*0.5) = 0.75; t = 750
     t = fwd.train_timesteps(torch.tensor([499, 999]))
@@ -106,7 +92,7 @@ def test_forward_process_by_hand(sd3_dir, flux_dir):
     assert torch.allclose(x, sched.scale_noise(x0, t[:1], eps))  # diffusers' own forward process
     from mmalign.diffusion.pipeline import diffusion_target
     assert torch.equal(diffusion_target(fwd, x0, eps, t[:1]), torch.tensor([[2.0, -3.0]]))  # eps - x0
-    flux = FlowMatchForward(FlowMatchEulerDiscreteScheduler.from_pretrained(str(flux_dir), subfolder="scheduler"))
+    flux = FlowMatchForward(FlowMatchEulerDiscreteScheduler.from_pretrained(str(tiny_flux_dir), subfolder="scheduler"))
     assert torch.allclose(flux.train_timesteps(torch.tensor([499])), torch.tensor([500.0]))  # dynamic: unshifted
 
 
@@ -121,10 +107,10 @@ def test_flux_packing_matches_the_pipeline():
                                                                                                       torch.float32))
 
 
-def test_prompts_encoded_as_the_pipelines_do(sd3_dir, flux_dir):
+def test_prompts_encoded_as_the_pipelines_do(tiny_sd3_dir, tiny_flux_dir):
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
-    parts = load_sd_components(str(sd3_dir))
+    parts = load_sd_components(str(tiny_sd3_dir))
     cond = encode_prompts(parts, CAPTIONS, "cpu", batch=2)
     with torch.no_grad():  # by hand: CLIP-L || CLIP-G penultimate states padded to T5's width, then T5's states
         ids = parts.tokenizer(CAPTIONS, padding="max_length", max_length=16, truncation=True,
@@ -135,25 +121,25 @@ def test_prompts_encoded_as_the_pipelines_do(sd3_dir, flux_dir):
         want = torch.cat([torch.nn.functional.pad(clip, (0, 32 - clip.shape[-1])), parts.text_encoder_3(t5_ids)[0]], 1)
     assert torch.allclose(cond["ctx"], want, atol=1e-6)
     assert torch.allclose(cond["pooled"], torch.cat([o.text_embeds for o in outs], -1), atol=1e-6)
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_dir))
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3_dir))
     c, _, p, _ = pipe.encode_prompt(CAPTIONS, None, None, do_classifier_free_guidance=False)
     assert torch.allclose(cond["ctx"], c, atol=1e-5) and torch.allclose(cond["pooled"], p, atol=1e-5)
-    flux = load_sd_components(str(flux_dir))
+    flux = load_sd_components(str(tiny_flux_dir))
     cond = encode_prompts(flux, CAPTIONS, "cpu")
-    c, p, _ = FluxPipeline.from_pretrained(str(flux_dir)).encode_prompt(CAPTIONS, None)
+    c, p, _ = FluxPipeline.from_pretrained(str(tiny_flux_dir)).encode_prompt(CAPTIONS, None)
     assert cond["ctx"].shape == (3, 512, 32) and torch.allclose(cond["ctx"], c, atol=1e-5)
     assert torch.allclose(cond["pooled"], p, atol=1e-5)
 
 
 # --- methods through the real trainer, exports ----------------------------------------------------------------
 
-def test_sd3_dpo_lora_trains_and_loads_in_diffusers(tmp_path, sd3_dir, pairs, cache):
+def test_sd3_dpo_lora_trains_and_loads_in_diffusers(tmp_path, tiny_sd3_dir, pairs, cache):
     from diffusers import StableDiffusion3Pipeline
 
-    out = run(tmp_path, sd3_dir, pairs, cache, "diffusion_dpo",
+    out = run(tmp_path, tiny_sd3_dir, pairs, cache, "diffusion_dpo",
               model={"lora_rank": 4, "lora_alpha": 8, "reference": "adapters_off"}, data={"caption_dropout": 0.5})
-    assert json.loads((out / "mmalign_export.json").read_text())["base"] == str(sd3_dir.resolve())
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_dir))
+    assert json.loads((out / "mmalign_export.json").read_text())["base"] == str(tiny_sd3_dir.resolve())
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3_dir))
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([500.0])
     cond = {"ctx": torch.randn(1, 20, 32), "pooled": torch.randn(1, 32)}
     with torch.no_grad():
@@ -166,21 +152,21 @@ def test_sd3_dpo_lora_trains_and_loads_in_diffusers(tmp_path, sd3_dir, pairs, ca
 
 
 @pytest.mark.parametrize("method", ["diffusion_sft_winners", "diffusion_cca", "diffusion_bco"])
-def test_sd3_full_finetune_trains_and_exports(tmp_path, sd3_dir, pairs, cache, method):
+def test_sd3_full_finetune_trains_and_exports(tmp_path, tiny_sd3_dir, pairs, cache, method):
     from diffusers import StableDiffusion3Pipeline
 
-    out = run(tmp_path, sd3_dir, pairs, cache, method)
-    base = StableDiffusion3Pipeline.from_pretrained(str(sd3_dir)).transformer.state_dict()
+    out = run(tmp_path, tiny_sd3_dir, pairs, cache, method)
+    base = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3_dir)).transformer.state_dict()
     new = StableDiffusion3Pipeline.from_pretrained(str(out)).transformer.state_dict()
     assert any(not torch.equal(base[k], new[k]) for k in base), "training left the exported transformer unchanged"
 
 
-def test_flux_dpo_lora_trains_and_loads_in_diffusers(tmp_path, flux_dir, pairs, cache):
+def test_flux_dpo_lora_trains_and_loads_in_diffusers(tmp_path, tiny_flux_dir, pairs, cache):
     from diffusers import FluxPipeline
 
-    out = run(tmp_path, flux_dir, pairs, cache, "diffusion_dpo", model={"lora_rank": 4, "dtype": "bf16"},
+    out = run(tmp_path, tiny_flux_dir, pairs, cache, "diffusion_dpo", model={"lora_rank": 4, "dtype": "bf16"},
               data={"resolution": 32})  # a bf16 frozen base under fp32 adapters
-    pipe = FluxPipeline.from_pretrained(str(flux_dir))
+    pipe = FluxPipeline.from_pretrained(str(tiny_flux_dir))
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([500.0])
     cond = {"ctx": torch.randn(1, 6, 32), "pooled": torch.randn(1, 16)}
     with torch.no_grad():
@@ -198,13 +184,13 @@ def method_on(tmp_path, pipe, pairs_path, cls_name, **sections):
     return m, m.build(torch.device("cpu"))
 
 
-def test_dpo_loss_on_velocity_errors_by_hand(tmp_path, sd3_dir, pairs):
+def test_dpo_loss_on_velocity_errors_by_hand(tmp_path, tiny_sd3_dir, pairs):
     """Two pairs: sigma from the scheduler's table, x_sigma = (1 - sigma) x0 + sigma eps shared by winner and
     loser, errors against eps - x0, inside = -beta/2 [(e_w - r_w) - (e_l - r_l)], loss = mean -log sigmoid."""
     from diffusers import SD3Transformer2DModel
 
     beta = 500.0
-    m, policy = method_on(tmp_path, sd3_dir, pairs, "diffusion_dpo", objective={"beta": beta})
+    m, policy = method_on(tmp_path, tiny_sd3_dir, pairs, "diffusion_dpo", objective={"beta": beta})
     m.dataset()
     with torch.no_grad():
         for p in policy.parameters():
@@ -222,7 +208,7 @@ def test_dpo_loss_on_velocity_errors_by_hand(tmp_path, sd3_dir, pairs):
     s = 3 * (idx + 1) / 1000 / (1 + 2 * (idx + 1) / 1000)  # SD3's shifted sigma
     x0 = {k: (batch[f"mean_{k}"][:, 0] - 0.1) * 1.5 for k in "wl"}  # (posterior mean - shift) * scale
     cond = {k: batch[k] for k in ("ctx", "pooled")}
-    ref = SD3Transformer2DModel.from_pretrained(str(sd3_dir), subfolder="transformer")
+    ref = SD3Transformer2DModel.from_pretrained(str(tiny_sd3_dir), subfolder="transformer")
     err = {}
     with torch.no_grad():
         for name, model in (("theta", policy.unet), ("ref", ref)):
@@ -238,15 +224,15 @@ def test_dpo_loss_on_velocity_errors_by_hand(tmp_path, sd3_dir, pairs):
 
 
 @pytest.mark.parametrize("method", ["diffusion_inpo", "diffusion_inversion_dpo"])
-def test_inversion_methods_refuse_flow_pipelines(tmp_path, sd3_dir, pairs, method):
+def test_inversion_methods_refuse_flow_pipelines(tmp_path, tiny_sd3_dir, pairs, method):
     with pytest.raises(ConfigError, match=r"rectified-flow \(SD3\).*DDIM"):
-        method_on(tmp_path, sd3_dir, pairs, method)
+        method_on(tmp_path, tiny_sd3_dir, pairs, method)
 
 
-def test_unet_only_methods_refuse_flow_pipelines(tmp_path, flux_dir, shapeworld_folder):
+def test_unet_only_methods_refuse_flow_pipelines(tmp_path, tiny_flux_dir, shapeworld_folder):
     from mmalign.diffusion.sft import SFTConfig
 
-    cfg = from_dict(SFTConfig, {"model": {"pretrained": str(flux_dir)}, "data": {"path": str(shapeworld_folder)}},
+    cfg = from_dict(SFTConfig, {"model": {"pretrained": str(tiny_flux_dir)}, "data": {"path": str(shapeworld_folder)}},
                     "test")
     with pytest.raises(ConfigError, match=r"rectified-flow \(FLUX\).*UNet"):
         method_class("diffusion_sft")(cfg, str(tmp_path / "m")).build(torch.device("cpu"))
@@ -254,11 +240,11 @@ def test_unet_only_methods_refuse_flow_pipelines(tmp_path, flux_dir, shapeworld_
 
 # --- sampling ---------------------------------------------------------------------------------------------------
 
-def test_mmalign_sample_of_sd3_exports(tmp_path, sd3_dir, pairs, cache):
+def test_mmalign_sample_of_sd3_exports(tmp_path, tiny_sd3_dir, pairs, cache):
     from mmalign.cli import main
 
-    full = run(tmp_path, sd3_dir, pairs, cache, "diffusion_sft_winners", name="full")
-    lora = run(tmp_path, sd3_dir, pairs, cache, "diffusion_sft_winners", name="lora", model={"lora_rank": 4})
+    full = run(tmp_path, tiny_sd3_dir, pairs, cache, "diffusion_sft_winners", name="full")
+    lora = run(tmp_path, tiny_sd3_dir, pairs, cache, "diffusion_sft_winners", name="lora", model={"lora_rank": 4})
     for export in (full, lora):
         out = tmp_path / f"samples_{export.parent.name}"
         main(["sample", "--model", str(export), "--prompt", "a red circle", "--per-prompt", "2", "--steps", "2",

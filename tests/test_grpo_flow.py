@@ -22,20 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = "a red circle\n\ntwo blue squares\na red circle\na green triangle\n"
 
 
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("grpo_sd3") / "pipe"
-    build_sd3_pipeline().save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("grpo_flux") / "pipe"
-    build_flux_pipeline().save_pretrained(out)
-    return out
-
-
 @pytest.fixture
 def prompt_file(tmp_path):
     path = tmp_path / "prompts.txt"
@@ -156,7 +142,7 @@ def test_deterministic_rollout_is_the_flux_pipeline_cfg_free():
 
 # --- the method ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("pipe", ["sd3_dir", "flux_dir"])
+@pytest.mark.parametrize("pipe", ["tiny_sd3_dir", "tiny_flux_dir"])
 def test_recorded_equals_recomputed_at_update_start(tmp_path, request, prompt_file, pipe):
     exp = experiment(tmp_path, request.getfixturevalue(pipe), prompt_file, data={"resolution": 32})
     m = DiffusionGRPO(exp.args, exp.output_dir)
@@ -180,10 +166,10 @@ def test_recorded_equals_recomputed_at_update_start(tmp_path, request, prompt_fi
     assert m.traj.images.shape == (4, 3, 32, 32) and m.traj.etas[m.steps].eq(0.7).all()
 
 
-def test_two_sd3_training_steps_cfg_free_and_lora_export_loads(tmp_path, sd3_dir, prompt_file):
+def test_two_sd3_training_steps_cfg_free_and_lora_export_loads(tmp_path, tiny_sd3_dir, prompt_file):
     from diffusers import StableDiffusion3Pipeline
 
-    exp = experiment(tmp_path, sd3_dir, prompt_file, objective={"cfg_free_training": True, "minibatches": 2,
+    exp = experiment(tmp_path, tiny_sd3_dir, prompt_file, objective={"cfg_free_training": True, "minibatches": 2,
                                                                 "inner_epochs": 1, "flow_noise_level": 0.5})
     summary = train(exp, DiffusionGRPO(exp.args, exp.output_dir))
     assert summary["step"] == 2
@@ -191,7 +177,7 @@ def test_two_sd3_training_steps_cfg_free_and_lora_export_loads(tmp_path, sd3_dir
     assert len(metrics) == 2
     for key in ("loss", "kl", "clip_frac", "reward/test_grpo.red_reward_mean", "time/rollout_s"):
         assert all(math.isfinite(r[key]) for r in metrics), key
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_dir))
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3_dir))
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([500.0])
     cond = {"ctx": torch.randn(1, 20, 32), "pooled": torch.randn(1, 32)}
     call = lambda: pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond["ctx"],  # noqa: E731
