@@ -7,16 +7,16 @@ import math
 
 import pytest
 import torch
-import yaml
 
-from mmalign.core.config import load_experiment
 from mmalign.core.trainer import train
 from mmalign.diffusion.flow import pack_latents
-from mmalign.diffusion.grpo import DiffusionGRPO, GRPOConfig
+from mmalign.diffusion.grpo import DiffusionGRPO
 from mmalign.diffusion.rollout import euler_step, flow_sde_step, vae_decoder
 from mmalign.diffusion.rollout_flow import (FlowGrid, flow_grid, flow_step_log_prob, flow_step_stats,
                                             sample_flow_trajectories)
 from mmalign.diffusion.tiny_flow import build_flux_pipeline, build_sd3_pipeline
+
+from test_grpo import grpo_experiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = "a red circle\n\ntwo blue squares\na red circle\na green triangle\n"
@@ -30,18 +30,10 @@ def prompt_file(tmp_path):
 
 
 def experiment(tmp_path, pipe, prompt_file, name="run", **sections):
-    cfg = {"method": "diffusion_grpo", "output_dir": str(tmp_path / name),
-           "train": {"lr": 1e-3, "max_steps": 2, "batch_size": 2, "log_every": 1, "seed": 0, "save_every": 0},
-           "model": {"pretrained": str(pipe), "lora_rank": 4, "reference": "adapters_off"},
-           "data": {"path": str(prompt_file)},
-           "objective": {"group_size": 2, "sample_steps": 4, "train_steps_window": 2, "guidance": 2.0,
-                         "kl_beta": 0.1, "inner_epochs": 2, "clip_range": 0.2},
-           "reward": {"weights": {"test_grpo:red_reward": 1.0}}}
-    for k, v in sections.items():
-        cfg.setdefault(k, {}).update(v)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return load_experiment(str(path), [], GRPOConfig)
+    """test_grpo's experiment with groups of 2 and no held-out reward (cheaper on the flow pipelines)."""
+    sections = {**sections, "objective": {"group_size": 2, **sections.get("objective", {})},
+                "reward": {"heldout": [], **sections.get("reward", {})}}
+    return grpo_experiment(tmp_path, pipe, prompt_file, name, **sections)
 
 
 def in_eval(pipe):
