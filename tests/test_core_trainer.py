@@ -128,7 +128,23 @@ def test_accumulation_equals_bigger_batch(tmp_path):
     big = make_exp(tmp_path, "big", batch_size=8, grad_accum=1, max_steps=4)
     run(small), run(big)
     assert np.allclose(logged(small), logged(big), rtol=0, atol=1e-6)
+    assert np.allclose(logged(small, "grad_norm"), logged(big, "grad_norm"), rtol=1e-5, atol=0)
     assert_same_weights(weights(small), weights(big), atol=1e-6)
+
+
+def test_grad_norm_is_logged_before_clipping(tmp_path):
+    """The logged grad_norm is the norm of the full gradient (recomputed by hand on the step's batch from the
+    initial weights), also when clipping shrinks it: at lr 1e-12 the exported weights are the initial ones."""
+    exp = make_exp(tmp_path, "norm", max_steps=1, lr=1e-12, max_grad_norm=1e-3)
+    method = ToyMethod(exp.args.toy)
+    train(exp, method)
+    model = method.build("cpu")
+    model.load_state_dict(weights(exp), strict=False)
+    batch = method.collate([method.dataset()[0][i] for i in method.seen_ids[0]])
+    ((model(batch["x"]) - batch["y"]) ** 2).mean().backward()
+    by_hand = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm()
+    assert by_hand > 1e-3  # so clipping was active
+    assert logged(exp, "grad_norm") == [pytest.approx(float(by_hand), rel=1e-5)]
 
 
 def free_port():

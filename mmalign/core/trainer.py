@@ -272,7 +272,9 @@ def _train(exp: Experiment, method: Method, acc: Accelerator) -> dict:
             _guard_finite(acc, loss, batch, step + 1, out)
             acc.backward(loss)
             if acc.sync_gradients and cfg.max_grad_norm:
-                acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                norm = acc.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                if norm is not None:  # the norm before clipping (DeepSpeed clips inside its engine: None)
+                    metrics = {**metrics, "grad_norm": norm * cfg.grad_accum}  # logged as is, not averaged
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             if acc.sync_gradients:
