@@ -13,7 +13,9 @@ import argparse
 import json
 from pathlib import Path
 
-from mmalign.demo.diffusion import BASE_PIPELINE, DemoSettings, evaluate, heldout_prompts, load_sd_pipeline
+from mmalign.datasets.shapeworld import sample_scenes
+from mmalign.demo.diffusion import (BASE_PIPELINE, HELDOUT_SEED, DemoSettings, evaluate, heldout_prompts,
+                                    load_sd_pipeline)
 
 
 def main() -> None:
@@ -23,7 +25,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="pipeline directory or export (full or LoRA)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--split", choices=("validation", "test"), default="test")
+    ap.add_argument("--split", choices=("validation", "test", "train"), default="test",
+                    help="train: captions of the training split (drawn with the held-out seed), the in-distribution "
+                         "check of a method that gains there but not on held-out compositions")
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--guidance", type=float, default=4.0)
@@ -31,7 +35,9 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     s = DemoSettings(n=a.n, split=a.split, steps=a.steps, guidance=a.guidance)
-    prompts, seeds = heldout_prompts(a.n, a.split), list(range(a.n))
+    prompts = (heldout_prompts(a.n, a.split) if a.split != "train"
+               else [sc.caption for sc in sample_scenes(HELDOUT_SEED, a.n, split="train")])
+    seeds = list(range(a.n))
     key = f"{a.split}_{a.n}_{a.steps}_{a.guidance:g}"
     base_file = out / f"base_{key}.json"
     if not base_file.is_file():
