@@ -155,7 +155,7 @@ def cmd_demo(a) -> None:
         from .demo.video import format_video_results, run_video_demo
         video = run_video_demo(Path(a.out))
         print(format_video_results(video))
-    if "online" in parts:  # opt-in: GRPO runs take about an hour each on 2 CPU cores
+    if "online" in parts:  # opt-in: GRPO runs take about 40 minutes each on 2 CPU cores
         from .demo.online import OnlineDemoSettings, format_online_results, run_online_demo
         online = run_online_demo(Path(a.out), model=a.model, settings=OnlineDemoSettings(
             n=a.n, split=a.split, steps=a.steps, guidance=a.guidance, train_steps=a.online_steps))
@@ -322,8 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", default="diffusion,mllm",
                    help="which parts to run, comma-separated: diffusion, mllm, video, online (video and online "
                         "are opt-in: video adds about 15 minutes on 2 CPU cores, online (GRPO with the exact "
-                        "scorer, then with CLIPScore, as rewards) about an hour per run at 100 iterations)")
-    p.add_argument("--online-steps", type=int, default=100, help="GRPO iterations of each online run")
+                        "scorer, then with CLIPScore, as rewards) about 40 minutes per run at 150 steps)")
+    p.add_argument("--online-steps", type=int, default=150,
+                   help="optimizer steps of each online GRPO run (the recipe takes two per rollout: 150 = 75 "
+                        "rollouts)")
     p.add_argument("--mllm-model", default=str(SHAPEWORLD_LLAVA), help="the MLLM part's base: model directory")
     p.add_argument("--mllm-train-steps", type=int, default=300, help="optimizer steps of the MLLM part's DPO")
     p.add_argument("--mllm-recipe", default="shapeworld_mllm_dpo",

@@ -28,7 +28,7 @@ class OnlineDemoSettings:
     split: str = "test"
     steps: int = 15  # DDIM steps of the evaluation samples (as in the diffusion demo)
     guidance: float = 4.0
-    train_steps: int = 100  # GRPO iterations (each: rollout -> reward -> update), overrides train.max_steps
+    train_steps: int = 150  # optimizer steps, overrides train.max_steps (the recipe: 2 per rollout -> reward)
     rewards: tuple[str, ...] = ("shapeworld", "clipscore")  # one run per trained reward
 
 
@@ -86,7 +86,7 @@ def format_online_results(results: dict) -> str:
         lines.append(f"  trained on {reward}: all correct {100 * r['accuracy']['correct']['mean']:.1f} %, gain "
                      f"{100 * g['gain']:+.1f} [{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}], win rate "
                      f"{100 * w['win_rate']:.1f} % [{100 * w['ci95'][0]:.1f}, {100 * w['ci95'][1]:.1f}]; "
-                     f"{c['iterations']} iterations in {r['train_seconds']} s")
+                     f"{c['iterations']} steps in {r['train_seconds']} s")
         for key in c["first"]:
             lines.append(f"    {key}: {c['first'][key]:.3f} (first tenth) -> {c['last'][key]:.3f} (last tenth)")
     return "\n".join(lines)
