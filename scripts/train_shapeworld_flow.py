@@ -45,7 +45,7 @@ from train_shapeworld_base import evaluate, to_pixels  # noqa: E402  (the SD bas
 from mmalign.datasets.shapeworld import render_scene, sample_scenes  # noqa: E402
 from mmalign.diffusion.flow import MAX_SEQUENCE_LENGTH, flow_denoise  # noqa: E402
 from mmalign.diffusion.losses import per_sample_mse  # noqa: E402
-from mmalign.diffusion.tiny_flow import build_sd3_pipeline  # noqa: E402
+from mmalign.diffusion.tiny_flow import build_sd3_pipeline, merged  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 32
@@ -63,13 +63,6 @@ ARCH = {
     "scheduler": {"num_train_timesteps": 1000, "shift": 1.0},
 }
 TRAINED = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
-
-
-def merge_arch(base: dict, overrides: dict | None) -> dict:
-    arch = copy.deepcopy(base)
-    for section, values in (overrides or {}).items():
-        arch.setdefault(section, {}).update(values)
-    return arch
 
 
 def build(arch: dict, vae_dir: str | Path, seed: int) -> StableDiffusion3Pipeline:
@@ -158,7 +151,7 @@ def main(argv=None):
     if a.init:
         pipe = StableDiffusion3Pipeline.from_pretrained(a.init)
     else:
-        pipe = build(merge_arch(ARCH, json.loads(a.arch_overrides) if a.arch_overrides else None), a.vae, a.seed)
+        pipe = build(merged(ARCH, json.loads(a.arch_overrides) if a.arch_overrides else None), a.vae, a.seed)
     pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(a.seed)
     g = torch.Generator().manual_seed(a.seed)

@@ -51,7 +51,7 @@ def test_flow_loss_decreases_on_a_fixed_batch():
 
     script = load_script()
     torch.manual_seed(0)
-    pipe = script.build(script.merge_arch(script.ARCH, TINY), ROOT / "mmalign/assets/shapeworld_sd/vae", seed=0)
+    pipe = script.build(script.merged(script.ARCH, TINY), ROOT / "mmalign/assets/shapeworld_sd/vae", seed=0)
     vae = pipe.vae.eval().requires_grad_(False)
     scenes = sample_scenes(1, 8, split="train")
     mean, _ = script.cache_latents(vae, script.to_pixels([render_scene(s, 32) for s in scenes]))
