@@ -64,12 +64,14 @@ def main() -> None:
     ap.add_argument("--split", default="validation", choices=("validation",),
                     help="calibration never looks at the test half")
     ap.add_argument("--variant", action="append", required=True, metavar="NAME=JSON")
+    ap.add_argument("--base", default=str(BASE_PIPELINE),
+                    help="the base pipeline (default: the shipped SD base; e.g. mmalign/assets/shapeworld_sd3)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     book = out / "calibration.json"
     done = json.loads(book.read_text()) if book.exists() else {}
-    base = load_sd_pipeline(BASE_PIPELINE)
+    base = load_sd_pipeline(a.base)
     prompts, seeds = heldout_prompts(a.n, a.split), list(range(a.n))
     base_scores: dict[float, dict] = {}
     for spec in a.variant:
@@ -96,7 +98,7 @@ def main() -> None:
                 onpolicy_pairs(base, pairs_dir, s)
         n_pairs = json.loads((pairs_dir / "pairs_report.json").read_text())["pairs"]
         t0 = time.time()
-        final, extra = run_method(method, init or BASE_PIPELINE, out / name, s, pairs_dir)
+        final, extra = run_method(method, init or a.base, out / name, s, pairs_dir)
         train_s = round(time.time() - t0, 1)
         _, scored = evaluate(load_sd_pipeline(final), prompts, seeds, out / name / "eval", s, guidance)
         cmp = compare_scores(scored["per_sample"], base_scores[guidance]["per_sample"], reward_from_scores)

@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--base", default=str(BASE_PIPELINE), help="the pipeline compared against (default: the shipped "
+                    "SD base)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -39,9 +41,11 @@ def main() -> None:
                else [sc.caption for sc in sample_scenes(HELDOUT_SEED, a.n, split="train")])
     seeds = list(range(a.n))
     key = f"{a.split}_{a.n}_{a.steps}_{a.guidance:g}"
+    if a.base != str(BASE_PIPELINE):  # another base: its own cached samples
+        key = f"{Path(a.base).name}_{key}"
     base_file = out / f"base_{key}.json"
     if not base_file.is_file():
-        _, scored = evaluate(load_sd_pipeline(BASE_PIPELINE), prompts, seeds, out / f"base_{key}", s)
+        _, scored = evaluate(load_sd_pipeline(a.base), prompts, seeds, out / f"base_{key}", s)
         base_file.write_text(json.dumps({"summary": scored["summary"], "per_sample": scored["per_sample"]}))
     base = json.loads(base_file.read_text())
     name = str(a.model).replace("/", "_")
