@@ -77,3 +77,40 @@ def test_flow_loss_decreases_on_a_fixed_batch():
     assert any(not torch.equal(p, q) for p, q in zip(pipe.text_encoder.parameters(), text_before))
     after = fixed_loss()
     assert after < 0.8 * before, (before, after)
+
+
+def test_shipped_flow_base_loads_and_samples_deterministically():
+    from mmalign.assets import SHAPEWORLD_SD3
+    from mmalign.datasets.shapeworld import sample_scenes
+    from mmalign.diffusion.load_for_sampling import load_for_sampling
+    from mmalign.diffusion.sampling import sample_images
+
+    pipe = load_for_sampling(str(SHAPEWORLD_SD3))
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    assert pipe.scheduler.config.shift == 1.0 and pipe.vae.config.shift_factor == 0.0
+    assert (SHAPEWORLD_SD3 / "README.md").is_file() and (SHAPEWORLD_SD3 / "train_log.jsonl").is_file()
+    prompts = [s.caption for s in sample_scenes(3, 2, split="validation")]
+    a = sample_images(pipe, prompts, [0, 1], steps=2, guidance=4.0)
+    b = sample_images(pipe, prompts, [0, 1], steps=2, guidance=4.0)
+    assert [im.size for im in a] == [(32, 32)] * 2
+    assert [im.tobytes() for im in a] == [im.tobytes() for im in b]
+    assert a[0].tobytes() != a[1].tobytes()
+
+
+def test_gaussian_baseline_is_the_least_squares_predictor():
+    """benchmarks/flow_base_diagnostics.py's baseline equals a per-element linear regression of v on x_s."""
+    spec = importlib.util.spec_from_file_location("flow_diag", ROOT / "benchmarks/flow_base_diagnostics.py")
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    g = torch.Generator().manual_seed(0)
+    n, s = 200_000, 0.3
+    x0 = torch.tensor([0.5, -1.0, 0.0]) + torch.tensor([0.3, 1.5, 0.8]) * torch.randn(n, 3, generator=g)
+    eps = torch.randn(n, 3, generator=g)
+    x_s, v = (1 - s) * x0 + s * eps, eps - x0
+    pred = diag.gaussian_baseline(x0, x_s, s)
+    for j in range(3):  # least squares v = c0 + c1 x_s, element by element
+        design = torch.stack([torch.ones(n), x_s[:, j]], 1).double()
+        coef = torch.linalg.lstsq(design, v[:, j:j + 1].double()).solution.squeeze()
+        fit = (design @ coef).float()
+        assert torch.allclose(pred[:, j], fit, atol=2e-2)
+        assert ((pred[:, j] - v[:, j]) ** 2).mean() <= ((fit - v[:, j]) ** 2).mean() * 1.001

@@ -10,3 +10,4 @@ SHAPEWORLD_SD = ASSETS / "shapeworld_sd"  # StableDiffusionPipeline directory (t
 SHAPEWORLD_LLAVA = ASSETS / "shapeworld_llava"  # LlavaForConditionalGeneration + processor
 SHAPEWORLD_CLIP = ASSETS / "shapeworld_clip"  # open_clip CLIP (config JSON + safetensors)
 SHAPEWORLD_MOTION = ASSETS / "shapeworld_motion"  # diffusers MotionAdapter for SHAPEWORLD_SD
+SHAPEWORLD_SD3 = ASSETS / "shapeworld_sd3"  # StableDiffusion3Pipeline (rectified flow; weak: see its README)
