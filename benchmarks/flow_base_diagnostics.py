@@ -54,11 +54,12 @@ def main() -> None:
         for s_val in (float(x) for x in a.levels.split(",")):
             eps = torch.randn(x0.shape, generator=g)
             x_s, v = (1 - s_val) * x0 + s_val * eps, eps - x0
-            t = torch.full((128,), s_val * pipe.scheduler.config.num_train_timesteps)
+            t = s_val * pipe.scheduler.config.num_train_timesteps
             row = {"s": s_val, "gaussian_baseline": ((gaussian_baseline(x0, x_s, s_val) - v) ** 2).mean().item()}
             for name, c in variants.items():
-                pred = torch.cat([flow_denoise(pipe.transformer, x_s[i:i + 128], t[:len(x_s[i:i + 128])],
-                                               encode(pipe, c[i:i + 128])) for i in range(0, len(x0), 128)])
+                chunks = [(x_s[i:i + 128], c[i:i + 128]) for i in range(0, len(x0), 128)]
+                pred = torch.cat([flow_denoise(pipe.transformer, x, torch.full((len(x),), t), encode(pipe, caps_))
+                                  for x, caps_ in chunks])
                 row[name] = ((pred - v) ** 2).mean().item()
             print(json.dumps({k: round(x, 4) for k, x in row.items()}), flush=True)
 
