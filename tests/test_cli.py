@@ -49,7 +49,7 @@ def test_sample_and_demo_on_a_tiny_pipeline(tmp_path, tiny_sd_dir):
     rows = [json.loads(l) for l in open(tmp_path / "s/samples.jsonl")]
     assert [r["seed"] for r in rows] == [0, 1] and (tmp_path / "s/grid.png").is_file()
     main(["demo", "--model", str(tiny_sd_dir), "--n", "6", "--steps", "2", "--methods", "none",
-          "--out", str(tmp_path / "demo")])
+          "--parts", "diffusion", "--out", str(tmp_path / "demo")])
     res = unpack_diffusion_demo(json.loads((tmp_path / "demo/results.json").read_text()))
     assert res["n_prompts"] == 6 and set(res["base"]["accuracy"]) >= {"correct", "colour", "shape", "count"}
     assert (tmp_path / "demo/grid.png").is_file() and len(list((tmp_path / "demo/base/samples").glob("*.png"))) == 6
@@ -58,7 +58,7 @@ def test_sample_and_demo_on_a_tiny_pipeline(tmp_path, tiny_sd_dir):
 
 def test_demo_aligns_and_compares_at_small_scale(tmp_path, capsys):
     """The whole chain on the shipped base at toy scale: pairs -> two methods -> paired comparison, same seeds."""
-    main(["demo", "--n", "6", "--steps", "2", "--methods", "diffusion_dpo,diffusion_cca",
+    main(["demo", "--parts", "diffusion", "--n", "6", "--steps", "2", "--methods", "diffusion_dpo,diffusion_cca",
           "--pair-prompts", "8", "--per-prompt", "3", "--train-steps", "2", "--out", str(tmp_path / "demo")])
     res = unpack_diffusion_demo(json.loads((tmp_path / "demo/results.json").read_text()))
     assert set(res["aligned"]) == {"diffusion_dpo", "diffusion_cca"}
@@ -79,6 +79,25 @@ def test_demo_aligns_and_compares_at_small_scale(tmp_path, capsys):
         assert extra["wins"] + extra["ties"] + extra["losses"] == extra["n_prompts"]
     html = (tmp_path / "demo/report.html").read_text()
     assert "compare_clipscore" in html and "diffusion_cca" in html and html.count("<img") >= 12
+
+
+def test_demo_runs_the_mllm_part_with_the_options_given(tmp_path, tiny_llava_dir, monkeypatch, capsys):
+    """`--parts mllm` alone: the MLLM options reach the run (toy question counts; the full run is in the slow tier)."""
+    import functools
+
+    import mmalign.demo.mllm as mllm_demo
+
+    toy = functools.partial(mllm_demo.MLLMDemoSettings, eval_scenes=4, eval_per_scene=3, pair_scenes=6,
+                            pair_per_scene=3, n_samples=3, batch_size=2)
+    monkeypatch.setattr(mllm_demo, "MLLMDemoSettings", toy)
+    main(["demo", "--parts", "mllm", "--mllm-model", str(tiny_llava_dir), "--mllm-train-steps", "2",
+          "--split", "validation", "--mllm-recipe", "shapeworld_mllm_mmdpo", "--out", str(tmp_path / "demo")])
+    settings = mllm_demo.read_mllm_results(tmp_path / "demo/mllm")["settings"]
+    assert (settings["train_steps"], settings["split"], settings["recipe"]) == (2, "validation", "shapeworld_mllm_mmdpo")
+    assert not (tmp_path / "demo/results.json").exists()  # no diffusion part
+    printed = capsys.readouterr().out
+    assert "overall" in printed and "mllm/evals/mmvet_aligned.json" in printed
+    assert (tmp_path / "demo/report.html").is_file()
 
 
 def test_data_pairs_verb(tmp_path, tiny_sd_dir):
