@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale of every sample")
     p.add_argument("--pair-prompts", type=int, default=256, help="training prompts of the on-policy pairs")
     p.add_argument("--per-prompt", type=int, default=4, help="samples per pair prompt (best vs worst)")
-    p.add_argument("--train-steps", type=int, default=150, help="optimizer steps of each method (per round)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="optimizer steps of each method (per round); default: each recipe's train.max_steps")
     p.add_argument("--rounds", type=int, default=1,
                    help="on-policy rounds: each later round samples new pairs from the previous round's model "
                         "and trains from it")

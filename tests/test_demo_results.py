@@ -84,12 +84,15 @@ def test_miniature_diffusion_demo_file_and_report(tmp_path):
     from mmalign.demo.diffusion import DemoSettings, run_demo
     from mmalign.evals.report import build_report, discover
 
-    s = DemoSettings(n=4, steps=2, pair_prompts=4, per_prompt=4, pair_steps=2, train_steps=1, batch_size=4)
+    # train_steps None: the steps are the recipe's (here set by a recipe override, as a user's `train.max_steps=1`)
+    s = DemoSettings(n=4, steps=2, pair_prompts=4, per_prompt=4, pair_steps=2, batch_size=4,
+                     overrides=("train.max_steps=1",))
     res = run_demo(tmp_path, settings=s)
     doc = read_results(tmp_path / "results.json")["doc"]
     assert results_kind(doc) == "diffusion_demo" and unpack_diffusion_demo(doc) == res
     config = (tmp_path / "diffusion_dpo" / "config.yaml").read_text()
     assert "beta: 5000.0" in config and "resume: never" in config and "max_steps: 1" in config
+    assert res["aligned"]["diffusion_dpo"]["pair_steps"] == 1 * 4
     assert len(discover(tmp_path).diffusion[0][2]) == 2 and "diffusion_dpo" in build_report([tmp_path])
 
 

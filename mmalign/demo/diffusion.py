@@ -44,7 +44,7 @@ class DemoSettings:
     pairing: str = "all"  # every two samples of a prompt whose scores differ (see make_onpolicy_pairs)
     min_winner_score: float | None = None  # e.g. 2.0: winners satisfy the whole caption
     pair_steps: int = 15  # DDIM steps for the pair samples
-    train_steps: int = 150  # overrides train.max_steps of every recipe (per round)
+    train_steps: int | None = None  # overrides train.max_steps of every recipe (per round); None: each recipe's
     batch_size: int = 32  # overrides train.batch_size, capped by the number of pairs
     rounds: int = 1  # on-policy rounds: round r samples new pairs from round r-1's model and trains from it
     overrides: tuple[str, ...] = ()  # extra recipe overrides "key=value" (calibration sweeps), for every method
@@ -75,21 +75,21 @@ def evaluate(pipe, prompts, seeds, out: Path, s: DemoSettings, guidance: float |
     return images, scored
 
 
-def train_method(name: str, model, pairs_dir: Path, out: Path, s: DemoSettings) -> float:
+def train_method(name: str, model, pairs_dir: Path, out: Path, s: DemoSettings) -> tuple[float, int]:
     """Train one pair method from configs/shapeworld_<name>.yaml (plus `s.overrides`), placed under `out` and
-    sized by `s` (see demo.load_demo_recipe); returns wall seconds (data encoding included)."""
+    sized by `s` (see demo.load_demo_recipe); returns wall seconds (data encoding included) and optimizer steps."""
     from ..core.registry import method_class
     from ..core.trainer import train
 
     with open(pairs_dir / "metadata.jsonl") as f:
         n_pairs = sum(1 for _ in f)
+    steps = {} if s.train_steps is None else {"train.max_steps": s.train_steps}
     exp = load_demo_recipe(f"shapeworld_{name}", {
         "model.pretrained": str(model), "data.path": str(pairs_dir), "data.cache_dir": str(out / "cache"),
-        "output_dir": str(out / name), "train.max_steps": s.train_steps,
-        "train.batch_size": min(s.batch_size, n_pairs)}, extra=s.overrides)
+        "output_dir": str(out / name), **steps, "train.batch_size": min(s.batch_size, n_pairs)}, extra=s.overrides)
     t0 = time.time()
     train(exp, method_class(exp.method)(exp.args, exp.output_dir))
-    return round(time.time() - t0, 1)
+    return round(time.time() - t0, 1), exp.train.max_steps
 
 
 def onpolicy_pairs(pipe, out: Path, s: DemoSettings, round_: int = 1) -> dict:
@@ -108,16 +108,17 @@ def onpolicy_pairs(pipe, out: Path, s: DemoSettings, round_: int = 1) -> dict:
 
 def run_method(name: str, model, out: Path, s: DemoSettings, first_pairs: Path) -> tuple[Path, dict]:
     """`s.rounds` rounds of pairs -> training (round 1 on `first_pairs`, drawn from the base); returns the final
-    model directory and per-round numbers (pairs, train seconds)."""
-    current, rounds = model, []
+    model directory, per-round numbers (pairs, train seconds) and the pair-steps trained (steps x batch, all rounds)."""
+    current, rounds, pair_steps = model, [], 0
     for r in range(1, s.rounds + 1):
         where = out if s.rounds == 1 else out / name / f"round{r}"
         pairs_dir = first_pairs if r == 1 else where / "pairs"
         pairs = None if r == 1 else onpolicy_pairs(load_sd_pipeline(current), pairs_dir, s, r)
-        train_s = train_method(name, current, pairs_dir, where, s)
+        train_s, steps = train_method(name, current, pairs_dir, where, s)
+        pair_steps += steps * s.batch_size
         current = where / name / "final"
         rounds.append({"round": r, "train_seconds": train_s, **({"pairs": pairs} if pairs else {})})
-    return Path(current), {"rounds": rounds} if s.rounds > 1 else {}
+    return Path(current), {"pair_steps": pair_steps, **({"rounds": rounds} if s.rounds > 1 else {})}
 
 
 def run_demo(out: str | Path, model: str | Path = BASE_PIPELINE, settings: DemoSettings | None = None) -> dict:
@@ -158,8 +159,7 @@ def run_demo(out: str | Path, model: str | Path = BASE_PIPELINE, settings: DemoS
             images, scored = evaluate(load_sd_pipeline(final), prompts, seeds, out / name / "eval", s, guidance)
             rows.append(images[:16])
             entry = {"accuracy": scored["summary"], "train_seconds": train_s, "guidance": guidance,
-                     "eval_seconds": scored["seconds"], "pair_steps": s.rounds * s.train_steps * s.batch_size,
-                     **extra, **compare_scores(scored["per_sample"], by_guidance[guidance]["per_sample"],
+                     "eval_seconds": scored["seconds"], **extra, **compare_scores(scored["per_sample"], by_guidance[guidance]["per_sample"],
                                                reward_from_scores)}
             if guidance != s.guidance:  # and the gap left to the base sampled with CFG
                 entry["vs_cfg_base"] = compare_scores(scored["per_sample"], base_scored["per_sample"],
