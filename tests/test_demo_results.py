@@ -91,7 +91,7 @@ def test_miniature_diffusion_demo_file_and_report(tmp_path):
     doc = read_results(tmp_path / "results.json")["doc"]
     assert results_kind(doc) == "diffusion_demo" and unpack_diffusion_demo(doc) == res
     config = (tmp_path / "diffusion_dpo" / "config.yaml").read_text()
-    assert "beta: 5000.0" in config and "resume: never" in config and "max_steps: 1" in config
+    assert "beta: 1000.0" in config and "resume: never" in config and "max_steps: 1" in config
     assert res["aligned"]["diffusion_dpo"]["pair_steps"] == 1 * 4
     assert len(discover(tmp_path).diffusion[0][2]) == 2 and "diffusion_dpo" in build_report([tmp_path])
 
