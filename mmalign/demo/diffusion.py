@@ -77,7 +77,8 @@ def evaluate(pipe, prompts, seeds, out: Path, s: DemoSettings, guidance: float |
 
 def train_method(name: str, model, pairs_dir: Path, out: Path, s: DemoSettings) -> tuple[float, int]:
     """Train one pair method from configs/shapeworld_<name>.yaml (plus `s.overrides`), placed under `out` and
-    sized by `s` (see demo.load_demo_recipe); returns wall seconds (data encoding included) and optimizer steps."""
+    sized by `s` (see demo.load_demo_recipe); returns wall seconds (data encoding included) and pair-steps trained
+    (optimizer steps x pairs per step, as resolved from the recipe)."""
     from ..core.registry import method_class
     from ..core.trainer import train
 
@@ -89,7 +90,7 @@ def train_method(name: str, model, pairs_dir: Path, out: Path, s: DemoSettings) 
         "output_dir": str(out / name), **steps, "train.batch_size": min(s.batch_size, n_pairs)}, extra=s.overrides)
     t0 = time.time()
     train(exp, method_class(exp.method)(exp.args, exp.output_dir))
-    return round(time.time() - t0, 1), exp.train.max_steps
+    return round(time.time() - t0, 1), exp.train.max_steps * exp.train.batch_size
 
 
 def onpolicy_pairs(pipe, out: Path, s: DemoSettings, round_: int = 1) -> dict:
@@ -108,14 +109,14 @@ def onpolicy_pairs(pipe, out: Path, s: DemoSettings, round_: int = 1) -> dict:
 
 def run_method(name: str, model, out: Path, s: DemoSettings, first_pairs: Path) -> tuple[Path, dict]:
     """`s.rounds` rounds of pairs -> training (round 1 on `first_pairs`, drawn from the base); returns the final
-    model directory, per-round numbers (pairs, train seconds) and the pair-steps trained (steps x batch, all rounds)."""
+    model directory, per-round numbers (pairs, train seconds) and the pair-steps trained (all rounds)."""
     current, rounds, pair_steps = model, [], 0
     for r in range(1, s.rounds + 1):
         where = out if s.rounds == 1 else out / name / f"round{r}"
         pairs_dir = first_pairs if r == 1 else where / "pairs"
         pairs = None if r == 1 else onpolicy_pairs(load_sd_pipeline(current), pairs_dir, s, r)
-        train_s, steps = train_method(name, current, pairs_dir, where, s)
-        pair_steps += steps * s.batch_size
+        train_s, trained = train_method(name, current, pairs_dir, where, s)
+        pair_steps += trained
         current = where / name / "final"
         rounds.append({"round": r, "train_seconds": train_s, **({"pairs": pairs} if pairs else {})})
     return Path(current), {"pair_steps": pair_steps, **({"rounds": rounds} if s.rounds > 1 else {})}
@@ -159,8 +160,8 @@ def run_demo(out: str | Path, model: str | Path = BASE_PIPELINE, settings: DemoS
             images, scored = evaluate(load_sd_pipeline(final), prompts, seeds, out / name / "eval", s, guidance)
             rows.append(images[:16])
             entry = {"accuracy": scored["summary"], "train_seconds": train_s, "guidance": guidance,
-                     "eval_seconds": scored["seconds"], **extra, **compare_scores(scored["per_sample"], by_guidance[guidance]["per_sample"],
-                                               reward_from_scores)}
+                     "eval_seconds": scored["seconds"], **extra,
+                     **compare_scores(scored["per_sample"], by_guidance[guidance]["per_sample"], reward_from_scores)}
             if guidance != s.guidance:  # and the gap left to the base sampled with CFG
                 entry["vs_cfg_base"] = compare_scores(scored["per_sample"], base_scored["per_sample"],
                                                       reward_from_scores)
