@@ -134,7 +134,8 @@ def cmd_demo(a) -> None:
             sys.exit(f"error: --set: expected KEY=VALUE, got {bad}")
         settings = DemoSettings(n=a.n, split=a.split, steps=a.steps, guidance=a.guidance, methods=methods,
                                 pair_prompts=a.pair_prompts, per_prompt=a.per_prompt, train_steps=a.train_steps,
-                                rounds=a.rounds, min_winner_score=a.min_winner_score, overrides=tuple(a.set))
+                                rounds=a.rounds, min_winner_score=a.min_winner_score, overrides=tuple(a.set),
+                                fresh_pairs=a.fresh_pairs)
         results = run_demo(a.out, model=a.model, settings=settings)
         print(format_results(results))
         if len(methods) > 1:
@@ -318,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and trains from it")
     p.add_argument("--min-winner-score", type=float, default=None,
                    help="keep only pairs whose winner scores at least this (2.0: the whole caption is right)")
+    p.add_argument("--fresh-pairs", action="store_true",
+                   help="sample the first round's pairs even when the shipped set holds the same ones "
+                        "(mmalign/assets/shapeworld_pairs: used only for the shipped base and these pair settings)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override for every diffusion method, e.g. objective.beta=2000 (repeatable)")
     p.add_argument("--parts", default="diffusion,mllm",

@@ -11,3 +11,4 @@ SHAPEWORLD_LLAVA = ASSETS / "shapeworld_llava"  # LlavaForConditionalGeneration 
 SHAPEWORLD_CLIP = ASSETS / "shapeworld_clip"  # open_clip CLIP (config JSON + safetensors)
 SHAPEWORLD_MOTION = ASSETS / "shapeworld_motion"  # diffusers MotionAdapter for SHAPEWORLD_SD
 SHAPEWORLD_SD3 = ASSETS / "shapeworld_sd3"  # StableDiffusion3Pipeline (rectified flow; weak: see its README)
+SHAPEWORLD_PAIRS = ASSETS / "shapeworld_pairs"  # the demo's on-policy pairs from SHAPEWORLD_SD (Pick-a-Pic layout)

@@ -15,6 +15,7 @@ from ..datasets.shapeworld import sample_scenes
 from ..evals.demo_results import unpack_diffusion_demo, write_diffusion_demo
 from ..evals.grid import image_grid
 from . import load_demo_recipe
+from .shipped_pairs import shipped_pairs
 
 BASE_PIPELINE = SHAPEWORLD_SD
 HELDOUT_SEED = 20_000  # held-out evaluation scenes (captions never seen in training)
@@ -48,6 +49,7 @@ class DemoSettings:
     batch_size: int = 32  # overrides train.batch_size, capped by the number of pairs
     rounds: int = 1  # on-policy rounds: round r samples new pairs from round r-1's model and trains from it
     overrides: tuple[str, ...] = ()  # extra recipe overrides "key=value" (calibration sweeps), for every method
+    fresh_pairs: bool = False  # sample round 1's pairs even when the shipped set (shipped_pairs.py) matches
 
 
 def _check_model(model) -> None:
@@ -147,10 +149,14 @@ def run_demo(out: str | Path, model: str | Path = BASE_PIPELINE, settings: DemoS
                                                "eval_seconds": base_scored["seconds"]}, "aligned": {}}
     rows = [base_images[:16]]
     if s.methods:
-        results["pairs"] = onpolicy_pairs(base, out / "pairs", s)
+        shipped = shipped_pairs(model, s, PAIR_SEED)
+        if shipped:  # the same pairs this run would sample, built once by scripts/build_shapeworld_pairs.sh
+            first_pairs, results["pairs"] = shipped[0], {**shipped[1], "shipped": str(shipped[0])}
+        else:
+            first_pairs, results["pairs"] = out / "pairs", onpolicy_pairs(base, out / "pairs", s)
         for name in s.methods:
             t_train = time.time()
-            final, extra = run_method(name, model, out, s, out / "pairs")
+            final, extra = run_method(name, model, out, s, first_pairs)
             train_s = round(time.time() - t_train, 1)
             guidance = EVAL_GUIDANCE.get(name, s.guidance)
             if guidance not in by_guidance:  # the proper baseline of a guidance-free method: the base guidance-free
@@ -187,7 +193,8 @@ def format_results(results: dict) -> str:
     if "pairs" in results:
         p = results["pairs"]
         lines.append(f"on-policy pairs: {p['pairs']} from {p['prompts']} prompts x {p['per_prompt']} samples "
-                     f"({p['seconds']} s)")
+                     + (f"(the shipped set {p['shipped']}, identical to sampling them; --fresh-pairs samples them)"
+                        if "shipped" in p else f"({p['seconds']} s)"))
     for name, r in results["aligned"].items():
         wr = r["win_rate"]
         lines.append(f"{name}: trained {r['train_seconds']} s, sampled at guidance {r.get('guidance', '?')}"
