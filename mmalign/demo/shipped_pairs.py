@@ -40,7 +40,7 @@ def pair_source(model, s, prompt_seed: int) -> dict:
 def shipped_pairs(model, s, prompt_seed: int, where: Path = SHAPEWORLD_PAIRS) -> tuple[Path, dict] | None:
     """(the shipped pair folder, its report) when it holds exactly the pairs `model` and `s` would give, else None."""
     report_file = where / "pairs_report.json"
-    if getattr(s, "fresh_pairs", False) or not report_file.is_file():
+    if s.fresh_pairs or not report_file.is_file():
         return None
     report = json.loads(report_file.read_text())
     if report.get("source") != pair_source(model, s, prompt_seed) or report["source"]["base_sha256"] is None:
