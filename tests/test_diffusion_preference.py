@@ -183,3 +183,24 @@ def test_config_errors(tmp_path, tiny_sd_dir, pairs_dir):
         _method(tmp_path, tiny_sd_dir, pairs_dir, DiffusionDPO, model={"reference": "adapters_off"})
     with pytest.raises(ConfigError, match="model.reference"):
         _method(tmp_path, tiny_sd_dir, pairs_dir, DiffusionDPO, model={"reference": "none"})
+
+
+def test_inversion_dpo_cache_and_points_train_and_reuse_trajectories(tmp_path, tiny_sd_dir, pairs_dir):
+    from mmalign.core.config import ConfigError
+    from mmalign.diffusion.objectives import InversionDPO
+    knobs = {"inversion_steps": 6, "inversion_points": 2, "inversion_cache_mb": 16}
+    m, policy = _method(tmp_path, tiny_sd_dir, pairs_dir, InversionDPO, objective=knobs)
+    batch = m.collate([m.data[i] for i in range(4)])
+    batch["row_seed"] = torch.arange(4)
+    first, _ = m.loss(policy, batch)
+    assert (m.trajectories.hits, m.trajectories.misses) == (0, 8)  # 4 winners + 4 losers inverted
+    batch["row_seed"] = torch.arange(4) + 100  # another epoch: other draws, the same posterior means
+    again, metrics = m.loss(policy, batch)
+    assert (m.trajectories.hits, m.trajectories.misses) == (8, 8) and metrics["traj_cache_hit_rate"] == 0.5
+    assert torch.isfinite(first) and torch.isfinite(again)
+    # through the trainer: 16 pairs in batches of 4, so steps 5-6 see the first epoch's images again
+    summary, _ = run(tmp_path, tiny_sd_dir, pairs_dir, "diffusion_inversion_dpo", steps=6, name="cached",
+                     objective=knobs)
+    assert summary["step"] == 6 and summary["metrics"]["traj_cache_hit_rate"] == pytest.approx(16 / 48)
+    with pytest.raises(ConfigError, match="inversion_points"):
+        _method(tmp_path, tiny_sd_dir, pairs_dir, InversionDPO, objective={"inversion_steps": 3, "inversion_points": 4})

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import torch
 
+from ..core.config import ConfigError
 from ..core.row_rng import RowRandom, split_pairs
 from .inversion import Trajectory, ddim_invert, eps_from_prediction, inversion_grid, inversion_trajectory
-from .inversion_dpo import inversion_dpo_loss
+from .inversion_dpo import inversion_dpo_loss, inversion_weights, weighted_points
 from .losses import bco_loss, cca_loss, diffusion_dpo_loss, inpo_target, per_sample_mse, sft_loss
 from .pipeline import diffusion_target
 from .preference import DiffusionPreference, cat_cond
+from .trajectory_cache import TrajectoryCache
 
 
 class DiffusionDPO(DiffusionPreference):
@@ -104,25 +106,46 @@ class InPO(DiffusionPreference):
 
 class InversionDPO(DiffusionPreference):
     """The reference's deterministic DDIM inversion (inversion_steps) of both images; the policy is evaluated at
-    the stored points with per-step activation checkpointing (memory flat in the number of steps)."""
+    the stored points (all, or inversion_points of them per pair) with per-step activation checkpointing (memory
+    flat in the number of steps). inversion_cache_mb > 0 inverts posterior means once and reuses them."""
 
     flow_refusal = ("Inversion-DPO replays the reference's DDIM inversion, weighted by 1/(2 alpha-bar_t) of an "
                     "epsilon/v-prediction schedule; a rectified-flow model has neither. Use diffusion_dpo, "
                     "diffusion_sft_winners, diffusion_cca or diffusion_bco")
 
+    def __init__(self, cfg, output_dir: str):
+        super().__init__(cfg, output_dir)
+        o = cfg.objective
+        if o.inversion_points > o.inversion_steps:
+            raise ConfigError(f"objective.inversion_points ({o.inversion_points}) cannot exceed "
+                              f"objective.inversion_steps ({o.inversion_steps})")
+        self.trajectories = TrajectoryCache(o.inversion_cache_mb * 2 ** 20) if o.inversion_cache_mb else None
+
     def loss(self, policy, batch):
         o, sched = self.cfg.objective, self.parts.noise_scheduler
         rows = RowRandom.of(batch)
-        lat_w, lat_l, view = self.pair_latents(batch, rows)
+        lat_w, lat_l, view = self.pair_latents(batch, rows, posterior_mean=self.trajectories is not None)
         cond_w, cond_l = self.pair_cond(batch, view, rows)
         kind, n = sched.config.prediction_type, len(lat_w)
-        both = cat_cond(cond_w, cond_l)
-        ref_eps = EpsModel(self.ref_forward, both, kind, self.abar)
-        traj = inversion_trajectory(ref_eps, torch.cat([lat_w, lat_l]), self.abar, o.inversion_steps,
-                                    sched.config.num_train_timesteps)  # winners and losers in one batch
+        both, x0 = cat_cond(cond_w, cond_l), torch.cat([lat_w, lat_l])
+
+        def invert(idx):  # the reference's trajectories of rows idx, winners and losers in one batch
+            cond = both if idx is None else {k: v[idx] for k, v in both.items()}
+            return inversion_trajectory(EpsModel(self.ref_forward, cond, kind, self.abar),
+                                        x0 if idx is None else x0[idx], self.abar, o.inversion_steps,
+                                        sched.config.num_train_timesteps)
+        traj = invert(None) if self.trajectories is None else self.trajectories.get(x0, both, invert)
         traj_w, traj_l = (Trajectory(traj.xs[:, k], traj.ts, traj.eps_ref[:, k]) for k in (slice(0, n), slice(n, None)))
+        points = None
+        if o.inversion_points:  # drawn with probability w~_i / N, the same for a pair's winner and loser
+            points = weighted_points(inversion_weights(self.abar, traj.ts),
+                                     rows.rand("inversion_points", lat_w.device, (o.inversion_points,)))
         policy_eps = EpsModel(policy, both, kind, self.abar)
-        return inversion_dpo_loss(policy_eps, traj_w, traj_l, lat_w, lat_l, self.abar, beta=o.beta)
+        loss, metrics = inversion_dpo_loss(policy_eps, traj_w, traj_l, lat_w, lat_l, self.abar, beta=o.beta,
+                                           points=points, drawn_by_weight=points is not None)
+        if self.trajectories is not None:
+            metrics.update({k: torch.tensor(v) for k, v in self.trajectories.stats().items()})
+        return loss, metrics
 
 
 class DiffusionCCA(DiffusionPreference):

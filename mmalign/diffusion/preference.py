@@ -63,6 +63,11 @@ class ObjectiveConfig:
     inversion_grid_steps: int = bounded(10, 1)  # InPO: inverse DDIM grid 1, 101, ..., 901
     inversion_noise: float = bounded(0.1, 0)  # InPO: noise after each inverse step, x DDIM(eta=1) sigma; 0: none
     inversion_steps: int = bounded(40, 1)  # Inversion-DPO: DDIM inversion steps with the reference
+    # Inversion-DPO: points per pair the policy is scored at, drawn each step by the steps' weights; 0: all of them
+    inversion_points: int = bounded(0, 0)
+    # Inversion-DPO: keep the reference's trajectories of posterior-MEAN latents in memory up to this size, reused
+    # every epoch (trajectory_cache.py); 0: invert a fresh posterior sample every step
+    inversion_cache_mb: int = bounded(0, 0)
     bco_delta_decay: float = bounded(0.99, 0, 1, hi_open=True)  # BCO: running mean of rewards, delta
 
 
@@ -135,16 +140,16 @@ class DiffusionPreference(LatentDiffusionMethod):
 
     # --- per-pair augmentation and conditioning ------------------------------------------------------------
 
-    def pair_latents(self, batch: dict, rows: RowRandom | None = None
+    def pair_latents(self, batch: dict, rows: RowRandom | None = None, posterior_mean: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fresh posterior samples of winner and loser, both in the same orientation; returns the view too.
-        `rows`: the batch's RowRandom (default: a new one from `batch`)."""
+        """Fresh posterior samples of winner and loser (`posterior_mean`: the means), both in the same
+        orientation; returns the view too. `rows`: the batch's RowRandom (default: a new one from `batch`)."""
         rows = RowRandom.of(batch) if rows is None else rows
         n, views = batch["mean_w"].shape[:2]
         view = rows.randint("view", 0, views, batch["mean_w"].device)
         pick = lambda x: x[torch.arange(n, device=x.device), view]  # noqa: E731
-        lat = [self.sample_latents(pick(batch[f"mean_{s}"]), pick(batch[f"std_{s}"]), rows, f"latent_{s}")
-               for s in ("w", "l")]
+        std = (lambda s: 0 * pick(batch[f"std_{s}"])) if posterior_mean else (lambda s: pick(batch[f"std_{s}"]))
+        lat = [self.sample_latents(pick(batch[f"mean_{s}"]), std(s), rows, f"latent_{s}") for s in ("w", "l")]
         return lat[0], lat[1], view
 
     def pair_cond(self, batch: dict, view: torch.Tensor, rows: RowRandom | None = None) -> tuple[dict, dict]:
