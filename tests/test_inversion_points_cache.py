@@ -125,3 +125,11 @@ def test_points_drawn_by_weight_are_unbiased_and_follow_the_weights():
     assert idx.shape == (5_000, 2)
     freq = torch.bincount(idx.flatten(), minlength=5).double() / idx.numel()
     assert torch.allclose(freq, p.double(), atol=2e-4), (freq, p)
+
+
+def test_cached_rows_own_their_memory():
+    x0, cond = torch.randn(4, 2, 2), {"ctx": torch.randn(4, 3)}
+    cache = TrajectoryCache(2 ** 20)
+    cache.get(x0, cond, lambda idx: fake_inversion([])(x0, idx))
+    kept = sum(t.untyped_storage().nbytes() for pair in cache.store.values() for t in pair)
+    assert kept == cache.bytes == 4 * 2 * 3 * 4 * 4  # not 4 rows each holding the batch's [3, 4, 2, 2] storage

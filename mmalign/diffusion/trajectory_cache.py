@@ -50,7 +50,8 @@ class TrajectoryCache:
             traj = compute(torch.tensor(missing, dtype=torch.long, device=x0.device))
             self._check_ts(traj.ts)
             for j, r in enumerate(missing):
-                xs, eps = traj.xs[:, j].detach().cpu(), traj.eps_ref[:, j].detach().cpu()
+                # own copies: a view would keep the whole batch's trajectory alive
+                xs, eps = traj.xs[:, j].detach().cpu().clone(), traj.eps_ref[:, j].detach().cpu().clone()
                 fresh[r] = (xs, eps)
                 size = xs.nbytes + eps.nbytes
                 if keys[r] in self.store:  # the same image twice in one batch
