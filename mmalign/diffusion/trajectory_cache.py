@@ -4,7 +4,8 @@ The reference is frozen and DDIM inversion is deterministic, so an image's traje
 the same every time the image comes round. The cache keys each image by a digest of its latent and of its
 conditioning rows (caption dropout and SDXL sizes change the key), keeps the trajectory on the CPU, and computes
 only the rows it has not seen. It holds at most `max_bytes`; past that, new rows are computed every time and
-counted (`uncached`), never dropped. A restarted run refills it; the trajectories come out the same.
+counted (`uncached`), never dropped. A restarted run refills it with the same trajectories (up to the float
+rounding of another batch composition).
 """
 from __future__ import annotations
 
