@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from mmalign.diffusion.losses import per_sample_mse
 from mmalign.diffusion.pipeline import denoise, encode_prompts, load_sd_components, preprocess
 
 
 def errors(unet, sched, x0, cond, t, noise) -> torch.Tensor:
-    x_t = sched.add_noise(x0, noise, t)
-    return (denoise(unet, x_t, t, cond) - noise).pow(2).flatten(1).mean(1)
+    return per_sample_mse(denoise(unet, sched.add_noise(x0, noise, t), t, cond), noise)
 
 
 @torch.no_grad()
