@@ -6,8 +6,7 @@ share t and noise) against unpaired (BCO/KTO: each image its own t and noise).
 For each pair, the reward of an image is r = err_ref - err_model (the denoising-error gap to the base, the
 quantity both objectives push on; beta left out), at --draws draws of (t, noise). Reported: the mean rewards of
 winners and losers, the mean margin E[r_w - r_l] (the signal a trained model has learnt), and its signal-to-noise
-ratio per pair-draw under shared
-and under independent (t, noise): mean / std of r_w - r_l. A ratio well below the paired one means an unpaired
+ratio per pair-draw under shared and under independent (t, noise): mean / std of r_w - r_l. A ratio well below the paired one means an unpaired
 objective sees the preference through more noise at the same data.
 """
 from __future__ import annotations
@@ -41,15 +40,12 @@ def main() -> None:
     if base.noise_scheduler.config.prediction_type != "epsilon":
         raise SystemExit("this measurement assumes an epsilon-prediction base")
     rows = [json.loads(x) for x in (Path(a.pairs) / "metadata.jsonl").read_text().splitlines()][:a.n]
-    res = base.unet.config.sample_size * 2 ** (len(base.vae.config.block_out_channels) - 1)
 
-    def latents(key):
-        px = torch.stack([preprocess(Image.open(Path(a.pairs) / r[r[key]]), res)[0] for r in rows])
+    def latents(winners: bool):  # posterior means of the winners' (or losers') images
+        pick = lambda r: "jpg_0" if (r["label_0"] == 1) == winners else "jpg_1"  # noqa: E731
+        px = torch.stack([preprocess(Image.open(Path(a.pairs) / r[pick(r)]), base.resolution)[0] for r in rows])
         return base.vae.encode(px).latent_dist.mean * base.vae.config.scaling_factor
-    winner_key = lambda r: "jpg_0" if r["label_0"] == 1 else "jpg_1"  # noqa: E731
-    for r in rows:
-        r["w"], r["l"] = winner_key(r), "jpg_1" if winner_key(r) == "jpg_0" else "jpg_0"
-    x_w, x_l = latents("w"), latents("l")
+    x_w, x_l = latents(True), latents(False)
     cond = encode_prompts(base, [r["caption"] for r in rows], "cpu")
     sched, n, g = base.noise_scheduler, len(rows), torch.Generator().manual_seed(0)
     margins, rewards = {"shared": [], "independent": []}, {"w": [], "l": []}

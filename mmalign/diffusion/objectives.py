@@ -130,11 +130,11 @@ class InversionDPO(DiffusionPreference):
         both, x0 = cat_cond(cond_w, cond_l), torch.cat([lat_w, lat_l])
 
         def invert(idx):  # the reference's trajectories of rows idx, winners and losers in one batch
-            cond = both if idx is None else {k: v[idx] for k, v in both.items()}
-            return inversion_trajectory(EpsModel(self.ref_forward, cond, kind, self.abar),
-                                        x0 if idx is None else x0[idx], self.abar, o.inversion_steps,
+            return inversion_trajectory(EpsModel(self.ref_forward, {k: v[idx] for k, v in both.items()}, kind,
+                                                 self.abar), x0[idx], self.abar, o.inversion_steps,
                                         sched.config.num_train_timesteps)
-        traj = invert(None) if self.trajectories is None else self.trajectories.get(x0, both, invert)
+        traj = invert(torch.arange(len(x0), device=x0.device)) if self.trajectories is None \
+            else self.trajectories.get(x0, both, invert)
         traj_w, traj_l = (Trajectory(traj.xs[:, k], traj.ts, traj.eps_ref[:, k]) for k in (slice(0, n), slice(n, None)))
         points = None
         if o.inversion_points:  # drawn with probability w~_i / N, the same for a pair's winner and loser

@@ -148,8 +148,11 @@ class DiffusionPreference(LatentDiffusionMethod):
         n, views = batch["mean_w"].shape[:2]
         view = rows.randint("view", 0, views, batch["mean_w"].device)
         pick = lambda x: x[torch.arange(n, device=x.device), view]  # noqa: E731
-        std = (lambda s: 0 * pick(batch[f"std_{s}"])) if posterior_mean else (lambda s: pick(batch[f"std_{s}"]))
-        lat = [self.sample_latents(pick(batch[f"mean_{s}"]), std(s), rows, f"latent_{s}") for s in ("w", "l")]
+        lat = []
+        for s in ("w", "l"):
+            std = pick(batch[f"std_{s}"])
+            lat.append(self.sample_latents(pick(batch[f"mean_{s}"]), torch.zeros_like(std) if posterior_mean else std,
+                                           rows, f"latent_{s}"))
         return lat[0], lat[1], view
 
     def pair_cond(self, batch: dict, view: torch.Tensor, rows: RowRandom | None = None) -> tuple[dict, dict]:
