@@ -101,7 +101,8 @@ def main() -> None:
         final, extra = run_method(method, init or a.base, out / name, s, pairs_dir)
         train_s = round(time.time() - t0, 1)
         _, scored = evaluate(load_sd_pipeline(final), prompts, seeds, out / name / "eval", s, guidance)
-        cmp = compare_scores(scored["per_sample"], base_scores[guidance]["per_sample"], reward_from_scores)
+        cmp = compare_scores(scored["per_sample"], base_scores[guidance]["per_sample"], reward_from_scores,
+                             prompts)
         done[name] = {"method": method, "settings": asdict(s), "init": init, "pair_round": pair_round, "pairs": n_pairs, "guidance": guidance,
                       "base_correct": base_scores[guidance]["summary"]["correct"]["mean"],
                       "correct": scored["summary"]["correct"]["mean"], "gain": cmp["gain"],

@@ -40,7 +40,8 @@ def main() -> None:
         c = r["comparison"]
         done[name] = {"recipe": s.recipe, "overrides": list(s.overrides), "split": a.split,
                       "pairs": r["pairs"]["n_pairs"], "train_seconds": r["train_seconds"],
-                      "overall": c["overall"], "table": {k: v["gain"] for k, v in c["table"].items()}}
+                      "overall": c["overall"], "table": {k: v["gain"] for k, v in c["table"].items()},
+                      "ci_unit": c.get("ci_unit", ""), "balance": s.balance}
         book.write_text(json.dumps(done, indent=1))
         print(table({name: done[name]}), flush=True)
     print(table(done))

@@ -50,7 +50,7 @@ def main() -> None:
     base = json.loads(base_file.read_text())
     name = str(a.model).replace("/", "_")
     _, scored = evaluate(load_sd_pipeline(a.model), prompts, seeds, out / name, s)
-    cmp = compare_scores(scored["per_sample"], base["per_sample"], reward_from_scores)
+    cmp = compare_scores(scored["per_sample"], base["per_sample"], reward_from_scores, prompts)
     g, w = cmp["gain"]["correct"], cmp["win_rate"]
     row = {"model": str(a.model), "split": a.split, "n": a.n, "base_correct": base["summary"]["correct"]["mean"],
            "correct": scored["summary"]["correct"]["mean"], "gain": cmp["gain"], "win_rate": w}

@@ -146,7 +146,7 @@ def cmd_demo(a) -> None:
     if "mllm" in parts:
         mllm = run_mllm_demo(Path(a.out) / "mllm", model=a.mllm_model,
                              settings=MLLMDemoSettings(train_steps=a.mllm_train_steps, split=a.split,
-                                                       recipe=a.mllm_recipe))
+                                                       recipe=a.mllm_recipe, balance=a.mllm_balance))
         print(format_mllm_results(mllm))
         print(f"results: {Path(a.out) / 'mllm' / 'results.json'}")
         if not a.no_evals:
@@ -335,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mllm-train-steps", type=int, default=300, help="optimizer steps of the MLLM part's DPO")
     p.add_argument("--mllm-recipe", default="shapeworld_mllm_dpo",
                    help="configs/<recipe>.yaml the MLLM part trains from (shapeworld_mllm_dpo, _mmdpo, _mdpo)")
+    p.add_argument("--mllm-balance", choices=["none", "mirror"], default="none",
+                   help="mirror: keep as many 'a over b' answer pairs as 'b over a' per capability, so DPO cannot "
+                        "gain by shifting the answer prior (benchmarks/RESULTS.md)")
     p.add_argument("--no-evals", action="store_true",
                    help="skip the evaluator pass (CLIPScore comparisons, MM-Vet-style results) and report.html")
     p.set_defaults(fn=cmd_demo)

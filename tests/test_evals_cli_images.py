@@ -248,10 +248,11 @@ def test_eval_images_names_the_ci_unit(clip_dir, tmp_path, capsys):
     run, _ = folder(tmp_path / "run")
     main(["eval", "images", str(run), "--model", str(clip_dir)])
     printed = capsys.readouterr().out
-    assert "(95 % CI over images, percentile bootstrap; 5 images, 5/5 rows kept)" in printed
+    assert ("(95 % CI over prompts, percentile bootstrap (a prompt's images resampled together); 5 images, 5/5 rows "
+            "kept)") in printed
     assert "note:" not in printed
     extra = read_results(run / "eval_clipscore.json")["doc"]["mmalign"]["extra"]["images_clipscore"]
-    assert extra["ci_unit"] == "95 % CI over images, percentile bootstrap"
+    assert extra["ci_unit"] == "95 % CI over prompts, percentile bootstrap (a prompt's images resampled together)"
 
 
 def test_module_imports_without_torch_and_verbs_have_help(capsys):

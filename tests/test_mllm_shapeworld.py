@@ -81,6 +81,44 @@ def test_compare_gains_and_refuses_other_items(bench):
         compare_vqa(before, summarize_vqa(bench[::-1], truth[::-1]))
 
 
+def test_compare_resamples_scene_captions():
+    """Right answers on the scenes of one caption only: over items that looks significant, over the captions the
+    questions came from it does not."""
+    bench = vqa_benchmark(seed=3, n_scenes=40, per_scene=4, split="heldout")
+    caps = [ex.scene.caption for ex in bench]
+    first = caps[0]
+    before = summarize_vqa(bench, ["dunno"] * len(bench))
+    after = summarize_vqa(bench, [ex.item.answer if c == first else "dunno" for ex, c in zip(bench, caps)])
+    assert after["groups"] == caps and len(set(caps)) >= 10
+    cmp = compare_vqa(before, after)
+    assert cmp["overall"]["ci95"][0] == 0.0 and not cmp["overall"]["significant"]
+    assert f"{len(set(caps))} distinct scene captions" in cmp["ci_unit"]
+    ungrouped = {k: v for k, v in before.items() if k != "groups"}  # a result saved before groups existed
+    old = compare_vqa(ungrouped, after)
+    assert old["overall"]["significant"] and "over samples" in old["ci_unit"]
+
+
+def test_mirror_balance_by_hand():
+    pairs = [("3", "2"), ("3", "2"), ("2", "3"), ("3", "2"), ("0", "1"), ("yes", "no"), ("no", "yes"), ("1", "0")]
+    kept = sw.mirror_balance(pairs)
+    # 3>2 three times, 2>3 once: one of each; 0>1 / 1>0 once each; yes/no once each; first ones in order
+    assert kept == [0, 2, 4, 5, 6, 7]
+    net = {}
+    for a, b in (pairs[i] for i in kept):
+        net[a], net[b] = net.get(a, 0) + 1, net.get(b, 0) - 1
+    assert set(net.values()) == {0}  # no answer is chosen more often than it is rejected
+    assert sw.mirror_balance([("a red circle", "a blue square")]) == [0]  # seen once: kept
+    assert sw.mirror_balance([("3", "2"), ("3", "2")]) == []  # only ever one way: a pure answer prior
+
+
+def test_balance_rows_is_per_capability():
+    def row(cap, chosen, rejected):
+        return ([], [], sw.answer_messages(chosen), sw.answer_messages(rejected), {"capability": cap})
+    rows = [row("count", "3", "2"), row("count", "3", "2"), row("count", "2", "3"), row("shape", "2", "3")]
+    kept, dropped = sw.balance_rows(rows)
+    assert kept == [rows[0], rows[2], rows[3]] and dropped == {"count": 1}
+
+
 def test_evaluate_random_model_counts_add_up(tiny, bench):
     model, processor = tiny
     res = evaluate_vqa(model, processor, bench, batch_size=16, max_new_tokens=4)
@@ -127,6 +165,16 @@ def test_onpolicy_pairs_with_scripted_samples(bench, tmp_path, monkeypatch):
         assert p.rejected[0]["content"][0]["text"] == "zebra stripes"
         assert p.prompt == sw.question_messages(ex.item.question)
         assert p.meta["chosen_grade"] > p.meta["rejected_grade"] and p.meta["margin"] > 0
+    # every pair is "truth over zebra stripes", never the other way: mirror balancing keeps only the pairs whose
+    # two answers occur once (a pure answer prior otherwise), and counts what it dropped
+    mirrored = onpolicy_vqa_pairs(None, None, bench, tmp_path / "mirror", n_samples=n, pairing="best",
+                                  balance="mirror")
+    texts = [(ex.item.capability, ex.item.answer) for k, ex in enumerate(bench) if k % 3]
+    once = sum(texts.count(t) == 1 for t in texts)
+    assert mirrored["balance"] == "mirror" and mirrored["n_pairs"] == once < summary["n_pairs"]
+    assert sum(mirrored["balance_dropped"].values()) == summary["n_pairs"] - once
+    with pytest.raises(ValueError, match="balance"):
+        onpolicy_vqa_pairs(None, None, bench, tmp_path / "x", n_samples=n, balance="both")
 
 
 def test_onpolicy_pairs_with_real_sampling(tiny, bench, tmp_path):

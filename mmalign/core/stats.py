@@ -1,35 +1,79 @@
-"""Statistics for comparing models on the same prompts and seeds."""
+"""Statistics for comparing models on the same prompts and seeds.
+
+Items that share a prompt (several seeds of one caption, several questions about one composition) are not
+independent draws: a model that improves a prompt tends to improve all of its samples. Every function takes
+optional `groups` (one label per item, e.g. the prompt) and then resamples whole groups (the cluster bootstrap),
+so the interval reflects how many distinct prompts were measured, not how many samples. The point estimate is
+still the mean over items. Without `groups` (or with one item per group) each item is its own group, which gives
+exactly the item bootstrap.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 
-def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): percentile bootstrap CI of the mean over items (prompts), fixed seed."""
+def group_sums(values, groups=None) -> tuple[np.ndarray, np.ndarray]:
+    """(per-group sums, per-group sizes) of a 1-D sequence, groups in first-seen order; no groups: one per item."""
     x = np.asarray(values, dtype=np.float64)
     if x.ndim != 1 or len(x) == 0:
         raise ValueError(f"need a non-empty 1-D sequence of per-item values, got shape {x.shape}")
+    if groups is None:
+        return x, np.ones_like(x)
+    labels = list(groups)
+    if len(labels) != len(x):
+        raise ValueError(f"groups must label every item: {len(labels)} labels for {len(x)} values")
+    index: dict = {}
+    codes = np.fromiter((index.setdefault(g, len(index)) for g in labels), dtype=np.int64, count=len(labels))
+    return np.bincount(codes, weights=x), np.bincount(codes).astype(np.float64)
+
+
+def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                 groups=None) -> tuple[float, float, float]:
+    """(mean, low, high): percentile bootstrap CI of the mean over items, fixed seed. With `groups`, whole groups
+    are resampled (each replicate's mean = its groups' summed values / their summed sizes)."""
+    sums, sizes = group_sums(values, groups)
     rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    pick = rng.integers(0, len(sums), size=(n_boot, len(sums)))
+    means = sums[pick].sum(axis=1) / sizes[pick].sum(axis=1)
     tail = (1 - level) / 2 * 100
-    return float(x.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+    return float(sums.sum() / sizes.sum()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
-def paired_gain_ci(after, before, n_boot: int = 2000, seed: int = 0,
-                   level: float = 0.95) -> tuple[float, float, float]:
-    """(mean gain, low, high) of after - before over the same items (same prompts and seeds), resampling items."""
+def ci_unit(groups=None, unit: str = "prompts") -> str:
+    """What a CI resamples, in words, for results files and tables."""
+    if groups is None:
+        return "95 % percentile bootstrap over samples"
+    return f"95 % percentile bootstrap over {len(set(groups))} distinct {unit} (their samples resampled together)"
+
+
+def cluster_se(values, groups) -> float:
+    """The analytic cluster-robust standard error of the item mean (linearised ratio estimator, no small-sample
+    factor): sqrt(sum_g (S_g - n_g * mean)^2) / N. What the cluster bootstrap's spread estimates."""
+    sums, sizes = group_sums(values, groups)
+    mean = sums.sum() / sizes.sum()
+    return float(np.sqrt(((sums - sizes * mean) ** 2).sum()) / sizes.sum())
+
+
+def paired_gain_ci(after, before, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                   groups=None) -> tuple[float, float, float]:
+    """(mean gain, low, high) of after - before over the same items (same prompts and seeds), resampling items,
+    or whole groups of items when `groups` is given."""
     a, b = np.asarray(after, dtype=np.float64), np.asarray(before, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"paired comparison needs the same items: {a.shape} vs {b.shape}")
-    return bootstrap_ci(a - b, n_boot, seed, level)
+    return bootstrap_ci(a - b, n_boot, seed, level, groups)
 
 
-def win_rate(a_scores, b_scores, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
-    """A vs B on the same items: W/T/L counts and win rate W = (wins + ties/2) / N with its bootstrap CI."""
+def win_rate(a_scores, b_scores, n_boot: int = 2000, seed: int = 0, level: float = 0.95, groups=None) -> dict:
+    """A vs B on the same items: W/T/L counts and win rate W = (wins + ties/2) / N with its bootstrap CI (over
+    items, or over whole groups of items when `groups` is given)."""
     a, b = np.asarray(a_scores, dtype=np.float64), np.asarray(b_scores, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
         raise ValueError(f"win rate needs two equal-length 1-D score lists, got {a.shape} and {b.shape}")
     per_item = (a > b) + 0.5 * (a == b)
-    rate, lo, hi = bootstrap_ci(per_item, n_boot, seed, level)
-    return {"wins": int((a > b).sum()), "ties": int((a == b).sum()), "losses": int((a < b).sum()),
-            "win_rate": rate, "ci95": [lo, hi], "n": len(a)}
+    rate, lo, hi = bootstrap_ci(per_item, n_boot, seed, level, groups)
+    out = {"wins": int((a > b).sum()), "ties": int((a == b).sum()), "losses": int((a < b).sum()),
+           "win_rate": rate, "ci95": [lo, hi], "n": len(a)}
+    if groups is not None:
+        out["n_groups"] = len(set(groups))
+    return out

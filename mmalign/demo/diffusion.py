@@ -167,10 +167,11 @@ def run_demo(out: str | Path, model: str | Path = BASE_PIPELINE, settings: DemoS
             rows.append(images[:16])
             entry = {"accuracy": scored["summary"], "train_seconds": train_s, "guidance": guidance,
                      "eval_seconds": scored["seconds"], **extra,
-                     **compare_scores(scored["per_sample"], by_guidance[guidance]["per_sample"], reward_from_scores)}
+                     **compare_scores(scored["per_sample"], by_guidance[guidance]["per_sample"], reward_from_scores,
+                                     prompts)}
             if guidance != s.guidance:  # and the gap left to the base sampled with CFG
                 entry["vs_cfg_base"] = compare_scores(scored["per_sample"], base_scored["per_sample"],
-                                                      reward_from_scores)
+                                                      reward_from_scores, prompts)
             results["aligned"][name] = entry
     image_grid([im for r in rows for im in r], [p for _ in rows for p in prompts[:16]], cols=16).save(out / "grid.png")
     results["seconds"] = round(time.time() - t0, 1)
@@ -206,6 +207,8 @@ def format_results(results: dict) -> str:
                          f"[{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}]")
         lines.append(f"  win rate vs base {_pct(wr['win_rate'])} % [{_pct(wr['ci95'][0])}, {_pct(wr['ci95'][1])}]"
                      f"  W/T/L {wr['wins']}/{wr['ties']}/{wr['losses']}")
+        if "ci_unit" in r:
+            lines.append(f"  (CIs: {r['ci_unit']})")
         if "vs_cfg_base" in r:
             lines.append(f"  vs the base sampled at guidance {results['sampler']['guidance']:g}: all correct "
                          f"{_ci(r['vs_cfg_base']['gain']['correct'])}")

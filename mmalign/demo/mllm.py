@@ -27,6 +27,7 @@ class MLLMDemoSettings:
     n_samples: int = 4
     temperature: float = 1.0
     pairing: str = "all"
+    balance: str = "none"  # "mirror": mllm.shapeworld.mirror_balance on the on-policy pairs
     train_steps: int = 300  # overrides the recipe's train.max_steps
     batch_size: int = 16  # overrides train.batch_size; fewer on-policy pairs than this is an error
     split: str = "test"  # held-out half of the questions: "test" (reported) or "validation" (calibration)
@@ -62,7 +63,8 @@ def run_mllm_demo(out: str | Path, model: str | Path = MLLM_BASE, settings: MLLM
     before = evaluate_vqa(base, processor, heldout)
     train_bench = vqa_benchmark(MLLM_PAIR_SEED, s.pair_scenes, s.pair_per_scene, split="train")
     pairs = onpolicy_vqa_pairs(base, processor, train_bench, out / "pairs", n_samples=s.n_samples,
-                               temperature=s.temperature, seed=MLLM_PAIR_SEED, pairing=s.pairing)
+                               temperature=s.temperature, seed=MLLM_PAIR_SEED, pairing=s.pairing,
+                               balance=s.balance)
     if pairs["n_pairs"] < s.batch_size:
         raise ValueError(f"only {pairs['n_pairs']} on-policy answer pairs: too few to train on")
     train_s = _dpo(str(model), out / "pairs", out / "mllm_dpo", s)

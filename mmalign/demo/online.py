@@ -72,7 +72,8 @@ def run_online_demo(out: str | Path, model: str | Path = BASE_PIPELINE,
         _, scored = evaluate(load_sd_pipeline(run_dir / "final"), prompts, seeds, run_dir / "eval", sample)
         results["runs"][reward] = {"accuracy": scored["summary"], "train_seconds": train_s,
                                    "curve": curve_summary(run_dir / "metrics.jsonl"),
-                                   **compare_scores(scored["per_sample"], base["per_sample"], reward_from_scores)}
+                                   **compare_scores(scored["per_sample"], base["per_sample"], reward_from_scores,
+                                                   prompts)}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return json.loads((out / "results.json").read_text())  # what the file holds (tuples become lists)
 

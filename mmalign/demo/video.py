@@ -160,9 +160,11 @@ def run_video_demo(out, settings: VideoDemoSettings | None = None) -> dict:
     results = {"settings": asdict(s), "pairs": pair_info, "train_metrics": summary["metrics"], "models": {},
                "gain": {}}
     for name, vals in per.items():
-        results["models"][name] = {k: dict(zip(("mean", "lo", "hi"), bootstrap_ci(v))) for k, v in vals.items()}
+        results["models"][name] = {k: dict(zip(("mean", "lo", "hi"), bootstrap_ci(v, groups=prompts)))
+                                   for k, v in vals.items()}
     for k in per["base"]:
-        results["gain"][k] = dict(zip(("mean", "lo", "hi"), paired_gain_ci(per["aligned"][k], per["base"][k])))
+        results["gain"][k] = dict(zip(("mean", "lo", "hi"), paired_gain_ci(per["aligned"][k], per["base"][k],
+                                                                               groups=prompts)))
     results["seconds"] = {"pairs": round(t_pairs, 1), "train": round(t_train, 1),
                           "eval": round(time.time() - t0 - t_pairs - t_train, 1), "total": round(time.time() - t0, 1)}
     _write_samples(out, models, prompts, seeds)

@@ -55,11 +55,12 @@ def save_samples(out: Path, images, prompts, seeds, scores=None) -> None:
 
 
 def score_samples(images: list[Image.Image], prompts: list[str]) -> dict:
-    """ShapeWorld per-attribute accuracy with 95 % bootstrap CIs over samples, plus the per-sample scores."""
+    """ShapeWorld per-attribute accuracy with 95 % bootstrap CIs over distinct prompts (a prompt's samples are
+    resampled together, `core.stats`), plus the per-sample scores."""
     per = [score_image(im, p) for im, p in zip(images, prompts)]
     summary = {}
     for key in sorted({k for s in per for k in s}):
         vals = [s[key] for s in per if key in s]
-        mean, lo, hi = bootstrap_ci(vals)
+        mean, lo, hi = bootstrap_ci(vals, groups=[p for s, p in zip(per, prompts) if key in s])
         summary[key] = {"mean": round(mean, 4), "ci95": [round(lo, 4), round(hi, 4)], "n": len(vals)}
     return {"summary": summary, "per_sample": per}

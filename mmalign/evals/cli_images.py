@@ -59,7 +59,8 @@ def _scorer_args(p) -> None:
 def register(esub) -> None:
     p = esub.add_parser("images", help="score a folder of samples with CLIPScore / PickScore / HPSv2 / aesthetic",
                         description="Score images listed in samples.jsonl (file_name, prompt, seed) and write a "
-                                    "results file: mean with a bootstrap 95 % CI over images, per-sample scores, "
+                                    "results file: mean with a bootstrap 95 % CI over prompts (a prompt's images "
+                                    "resampled together), per-sample scores, "
                                     "weight hashes.")
     p.add_argument("dir", help="folder with samples.jsonl (or a run's samples/ folder)")
     p.add_argument("--out", help="results file (default: DIR/eval_<scorer>.json)")

@@ -83,13 +83,14 @@ def temporal_flicker(frames: Any) -> float:
 
 def motion_scores(clips: Sequence[Any], captions: Sequence[str], n_boot: int = 1000,
                   seed: int = 0) -> tuple[list[dict], dict]:
-    """`score_motion` for each (clip, motion caption), and per metric {"mean", "ci95": [low, high]}."""
+    """`score_motion` for each (clip, motion caption), and per metric {"mean", "ci95": [low, high]} (bootstrap
+    over distinct captions: clips of one caption are resampled together)."""
     if len(clips) != len(captions):
         raise ValueError(f"{len(clips)} clips but {len(captions)} captions")
     per_clip = [score_motion(list(a), c) for a, c in zip(_as_clips(clips), captions)]
     summary = {}
     for name, key in MOTION_METRICS.items():
-        mean, lo, hi = bootstrap_ci([float(s[key]) for s in per_clip], n_boot, seed)
+        mean, lo, hi = bootstrap_ci([float(s[key]) for s in per_clip], n_boot, seed, groups=captions)
         summary[name] = {"mean": mean, "ci95": [lo, hi]}
     return per_clip, summary
 
@@ -104,10 +105,11 @@ def _is_motion_caption(caption: str) -> bool:
 
 def _task(metrics: dict[str, np.ndarray], n: int, n_boot: int, seed: int, config: dict,
           samples: list[dict]) -> TaskResult:
-    """Means of per-clip values with their bootstrap CIs in `extra`."""
+    """Means of per-clip values with their bootstrap CIs in `extra` (over distinct captions)."""
     means, extra = {}, {}
+    captions = [r["caption"] for r in samples]
     for name, values in metrics.items():
-        means[name], lo, hi = bootstrap_ci(values, n_boot, seed)
+        means[name], lo, hi = bootstrap_ci(values, n_boot, seed, groups=captions)
         extra[f"{name}_ci95"] = [lo, hi]
     return TaskResult(means, {k: True for k in means}, n, config=config, samples=samples, extra=extra)
 

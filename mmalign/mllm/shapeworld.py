@@ -17,10 +17,11 @@ from PIL import Image
 
 from ..datasets.shapeworld import Scene, render_scene, sample_scenes
 from ..datasets.shapeworld.vqa import CAPABILITIES, VQAItem, grade, make_vqa, pope_metrics
-from ..core.stats import bootstrap_ci, paired_gain_ci
+from ..core.stats import bootstrap_ci, ci_unit, paired_gain_ci
 from .generate import generate_answers
 
 PAIRINGS = ("best", "all")
+BALANCES = ("none", "mirror")
 
 
 class VQAExample(NamedTuple):
@@ -58,7 +59,9 @@ def example_key(ex: VQAExample) -> str:
 
 def summarize_vqa(bench: list[VQAExample], predictions: list[str]) -> dict:
     """Scores of given predictions: per-item grades, the per-capability table (mean grade x 100 and n),
-    overall (micro over items, macro over capabilities present) and POPE metrics on the existence items."""
+    overall (micro over items, macro over capabilities present) and POPE metrics on the existence items;
+    `groups`: each item's scene caption, the unit the CIs resample (questions about scenes of one caption are
+    not independent draws)."""
     if len(bench) != len(predictions):
         raise ValueError(f"{len(bench)} examples but {len(predictions)} predictions")
     items = [ex.item for ex in bench]
@@ -71,6 +74,7 @@ def summarize_vqa(bench: list[VQAExample], predictions: list[str]) -> dict:
     return {
         "keys": [example_key(ex) for ex in bench],
         "capabilities": [it.capability for it in items],
+        "groups": [ex.scene.caption for ex in bench],
         "predictions": list(predictions),
         "scores": scores,
         "table": table,
@@ -100,24 +104,28 @@ def format_table(result: dict) -> str:
 
 
 def compare_vqa(before: dict, after: dict, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Paired per-capability gains (after - before, points x 100) with 95 % bootstrap CIs over items, for
-    two results on the same examples (ValueError otherwise), plus POPE accuracy / F1 before and after."""
+    """Paired per-capability gains (after - before, points x 100) with 95 % bootstrap CIs over the items'
+    scene captions (all questions about scenes of one caption resampled together; over items for results
+    without `groups`), for two results on the same examples (ValueError otherwise), plus POPE accuracy / F1
+    before and after."""
     if before["keys"] != after["keys"]:
         n_diff = sum(a != b for a, b in zip(before["keys"], after["keys"])) + abs(
             len(before["keys"]) - len(after["keys"]))
         raise ValueError(f"compare_vqa needs results on the same examples in the same order "
                          f"({len(before['keys'])} vs {len(after['keys'])} items, {n_diff} differ)")
-    caps = before["capabilities"]
+    caps, groups = before["capabilities"], before.get("groups")
 
     def gain(mask):
         b = [100 * s for s, m in zip(before["scores"], mask) if m]
         a = [100 * s for s, m in zip(after["scores"], mask) if m]
-        g, lo, hi = paired_gain_ci(a, b, n_boot=n_boot, seed=seed)
+        g, lo, hi = paired_gain_ci(a, b, n_boot=n_boot, seed=seed,
+                                   groups=None if groups is None else [x for x, m in zip(groups, mask) if m])
         return {"before": sum(b) / len(b), "after": sum(a) / len(a), "gain": g, "ci95": [lo, hi],
                 "n": len(b), "significant": lo > 0 or hi < 0}
 
     out = {"table": {cap: gain([c == cap for c in caps]) for cap in CAPABILITIES if cap in caps},
-           "overall": gain([True] * len(caps))}
+           "overall": gain([True] * len(caps)),
+           "ci_unit": ci_unit(groups, "scene captions")}
     out["pope"] = {k: {"accuracy": r["pope"]["accuracy"], "f1": r["pope"]["f1"],
                        "yes_ratio": r["pope"]["yes_ratio"]} for k, r in (("before", before), ("after", after))}
     return out
@@ -152,19 +160,41 @@ def preference_pairs(answers: list[str], grades: list[float], pairing: str = "be
             for i, j in itertools.combinations(idx, 2) if grades[i] != grades[j]]
 
 
+def mirror_balance(pairs: list[tuple[str, str]]) -> list[int]:
+    """Indices of (chosen, rejected) answer pairs to keep so that no answer is preferred for its own sake: for
+    every two answers a, b, as many "a over b" as "b over a" are kept (the first ones in order); a two-answer
+    combination seen only once is kept. Without this, on-policy pairs teach the answer prior of the pair
+    questions (a base that over-answers "2" on the training scenes sees "2" mostly rejected) instead of reading
+    the image."""
+    seen: dict[tuple[str, str], int] = {}
+    for a, b in pairs:
+        seen[(a, b)] = seen.get((a, b), 0) + 1
+    quota = {k: n if n + seen.get(k[::-1], 0) == 1 else min(n, seen.get(k[::-1], 0)) for k, n in seen.items()}
+    kept = []
+    for i, k in enumerate(pairs):
+        if quota[k] > 0:
+            quota[k] -= 1
+            kept.append(i)
+    return kept
+
+
 def onpolicy_vqa_pairs(model, processor, bench: list[VQAExample], out_dir: str | Path, n_samples: int = 4,
                        temperature: float = 1.0, seed: int = 0, pairing: str = "best", batch_size: int = 64,
-                       max_new_tokens: int = 24) -> dict:
+                       max_new_tokens: int = 24, balance: str = "none") -> dict:
     """Sample `n_samples` answers per question, grade them and write TRL pairs (chosen graded above
     rejected) to `out_dir` with `write_vl_pairs_jsonl`; meta holds the capability, the true answer, both
-    grades and margin = their difference. Empty answers are never paired. Returns a summary: n_pairs,
-    prompts whose samples all grade equally (no preference, also by capability), mean sample grade."""
+    grades and margin = their difference. Empty answers are never paired. `balance="mirror"`: per capability,
+    `mirror_balance` drops pairs that would make one answer preferred regardless of the image (counted in the
+    summary's `balance_dropped`). Returns a summary: n_pairs, prompts whose samples all grade equally (no
+    preference, also by capability), mean sample grade."""
     from ..datasets.vl_records import write_vl_pairs_jsonl
 
     if n_samples < 2:
         raise ValueError(f"n_samples must be >= 2 to compare answers, got {n_samples}")
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
     prompts = [([ex.image], question_messages(ex.item.question)) for ex in bench for _ in range(n_samples)]
     samples = generate_answers(model, processor, prompts, max_new_tokens=max_new_tokens, do_sample=True,
                                temperature=temperature, seed=seed, batch_size=batch_size)
@@ -185,8 +215,12 @@ def onpolicy_vqa_pairs(model, processor, bench: list[VQAExample], out_dir: str |
                          answer_messages(answers[j]),
                          {"capability": ex.item.capability, "truth": ex.item.answer, "chosen_grade": grades[i],
                           "rejected_grade": grades[j], "margin": grades[i] - grades[j], "example": k}))
+    dropped: dict[str, int] = {}
+    if balance == "mirror":
+        rows, dropped = balance_rows(rows)
     path = write_vl_pairs_jsonl(out_dir, rows)
     summary = {"n_prompts": len(bench), "n_samples": len(samples), "n_pairs": len(rows), "pairing": pairing,
+               "balance": balance, "balance_dropped": dropped,
                "no_preference": no_pref, "no_preference_by_capability": no_pref_by_cap,
                "mean_sample_grade": sum(grades_all) / len(grades_all) if grades_all else 0.0,
                "empty_samples": n_empty, "temperature": temperature, "seed": seed, "path": str(path)}
@@ -194,7 +228,25 @@ def onpolicy_vqa_pairs(model, processor, bench: list[VQAExample], out_dir: str |
     return summary
 
 
+def balance_rows(rows: list[tuple]) -> tuple[list[tuple], dict[str, int]]:
+    """`mirror_balance` within each capability over pair rows (images, prompt, chosen, rejected, meta); returns
+    the kept rows in their order and the number dropped per capability."""
+    by_cap: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_cap.setdefault(r[4]["capability"], []).append(i)
+    keep, dropped = set(), {}
+    for cap, idx in by_cap.items():
+        text = [(rows[i][2][0]["content"][0]["text"], rows[i][3][0]["content"][0]["text"]) for i in idx]
+        kept = [idx[k] for k in mirror_balance(text)]
+        keep.update(kept)
+        if len(kept) < len(idx):
+            dropped[cap] = len(idx) - len(kept)
+    return [r for i, r in enumerate(rows) if i in keep], dropped
+
+
 def accuracy_ci(result: dict, capability: str | None = None, n_boot: int = 2000, seed: int = 0) -> list[float]:
     """(mean, low, high) bootstrap CI of the mean grade x 100, over all items or one capability's."""
-    s = [100 * x for x, c in zip(result["scores"], result["capabilities"]) if capability in (None, c)]
-    return list(bootstrap_ci(s, n_boot=n_boot, seed=seed))
+    keep = [i for i, c in enumerate(result["capabilities"]) if capability in (None, c)]
+    groups = result.get("groups")
+    return list(bootstrap_ci([100 * result["scores"][i] for i in keep], n_boot=n_boot, seed=seed,
+                             groups=None if groups is None else [groups[i] for i in keep]))
