@@ -31,6 +31,17 @@ def test_two_groups_by_hand():
     assert (lo_i, hi_i) == (0.0, 0.75)
 
 
+def test_few_groups_never_narrow_the_interval():
+    """Two groups: a bootstrap over them sees almost no spread; the interval keeps the item bootstrap's width."""
+    x = [0.0, 1.0] * 20 + [1.0, 0.0] * 20
+    groups = ["a"] * 40 + ["b"] * 40
+    _, lo, hi = bootstrap_ci(x, groups=groups)
+    assert (lo, hi) == bootstrap_ci(x)[1:]
+    many = [f"g{i // 4}" for i in range(80)]  # 20 groups: the cluster bootstrap alone
+    _, lo_m, hi_m = bootstrap_ci(x, groups=many)
+    assert (lo_m, hi_m) != bootstrap_ci(x)[1:]
+
+
 def test_bootstrap_spread_matches_the_analytic_cluster_standard_error():
     """Independent formulation: the linearised (sandwich) cluster-robust SE of the mean."""
     rng = np.random.default_rng(0)

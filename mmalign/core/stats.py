@@ -5,11 +5,14 @@ independent draws: a model that improves a prompt tends to improve all of its sa
 optional `groups` (one label per item, e.g. the prompt) and then resamples whole groups (the cluster bootstrap),
 so the interval reflects how many distinct prompts were measured, not how many samples. The point estimate is
 still the mean over items. Without `groups` (or with one item per group) each item is its own group, which gives
-exactly the item bootstrap.
+exactly the item bootstrap. A bootstrap over a handful of groups cannot see their spread (two groups give an
+interval between two numbers), so with fewer than MIN_GROUPS groups the interval is the wider of the two.
 """
 from __future__ import annotations
 
 import numpy as np
+
+MIN_GROUPS = 10  # fewer groups than this: the CI also covers the item bootstrap's
 
 
 def group_sums(values, groups=None) -> tuple[np.ndarray, np.ndarray]:
@@ -30,13 +33,19 @@ def group_sums(values, groups=None) -> tuple[np.ndarray, np.ndarray]:
 def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
                  groups=None) -> tuple[float, float, float]:
     """(mean, low, high): percentile bootstrap CI of the mean over items, fixed seed. With `groups`, whole groups
-    are resampled (each replicate's mean = its groups' summed values / their summed sizes)."""
+    are resampled (each replicate's mean = its groups' summed values / their summed sizes); with fewer than
+    MIN_GROUPS groups (and more items than groups) the interval spans both that and the item bootstrap's."""
     sums, sizes = group_sums(values, groups)
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, len(sums), size=(n_boot, len(sums)))
     means = sums[pick].sum(axis=1) / sizes[pick].sum(axis=1)
     tail = (1 - level) / 2 * 100
-    return float(sums.sum() / sizes.sum()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+    mean, lo, hi = float(sums.sum() / sizes.sum()), float(np.percentile(means, tail)), float(
+        np.percentile(means, 100 - tail))
+    if len(sums) < min(MIN_GROUPS, len(values)):
+        _, item_lo, item_hi = bootstrap_ci(values, n_boot, seed, level)
+        lo, hi = min(lo, item_lo), max(hi, item_hi)
+    return mean, lo, hi
 
 
 def ci_unit(groups=None, unit: str = "prompts") -> str:
