@@ -40,7 +40,8 @@ def diffusion(base_dir: str, new_dir: str) -> None:
         keep = [i for i, r in enumerate(base) if key in r["scores"] and key in new[i]["scores"]]
         a = [100 * new[i]["scores"][key] for i in keep]
         b = [100 * base[i]["scores"][key] for i in keep]
-        print(f"{key:10s} {sum(b) / len(b):5.1f} -> {sum(a) / len(a):5.1f}  gain {_ci(a, b, [prompts[i] for i in keep])}")
+        groups = [prompts[i] for i in keep]
+        print(f"{key:10s} {sum(b) / len(b):5.1f} -> {sum(a) / len(a):5.1f}  gain {_ci(a, b, groups)}")
     ra, rb = [reward_from_scores(r["scores"]) for r in new], [reward_from_scores(r["scores"]) for r in base]
     w, wg = win_rate(ra, rb), win_rate(ra, rb, groups=prompts)
     print(f"win rate {100 * w['win_rate']:.1f} %  over samples [{100 * w['ci95'][0]:.1f}, {100 * w['ci95'][1]:.1f}]"

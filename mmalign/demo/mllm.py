@@ -105,6 +105,7 @@ def format_mllm_results(results: dict) -> str:
     lines = [f"ShapeWorld VQA, {results['n_questions']} held-out questions ({split} split); DPO on {p['n_pairs']} on-policy answer "
              f"pairs ({p['no_preference']} of {p['n_prompts']} questions gave no preference)",
              format_comparison(c),
+             *([f"(CIs: {c['ci_unit']})"] if "ci_unit" in c else []),
              "POPE (existence) accuracy / F1 / yes-ratio: "
              + "  ->  ".join(f"{100 * pope[k]['accuracy']:.1f} / {100 * pope[k]['f1']:.1f} / "
                              f"{100 * pope[k]['yes_ratio']:.0f} %" for k in ("before", "after"))]

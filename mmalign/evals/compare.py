@@ -24,4 +24,3 @@ def compare_scores(after: list[dict], before: list[dict], reward, groups: list |
     wr = win_rate([reward(s) for s in after], [reward(s) for s in before], groups=groups)
     wr["win_rate"], wr["ci95"] = round(wr["win_rate"], 4), [round(v, 4) for v in wr["ci95"]]
     return {"gain": gains, "win_rate": wr, "ci_unit": ci_unit(groups)}
-

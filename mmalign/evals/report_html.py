@@ -106,7 +106,8 @@ def mllm_html(path: Path, doc: dict, headline: dict) -> Markup:
         headline[f"VQA {cap} score (base)"] = f"{r['before']:.1f}"
         headline[f"VQA {cap} score (aligned)"] = f"{r['after']:.1f}"
     rows.append(["macro (mean over capabilities)", f"{base['macro']:.1f}", f"{al['macro']:.1f}", "", ""])
-    out.append("<h5>Per-capability score (mean grade × 100), paired gain [95 % CI]</h5>"
+    unit = f" ({c['ci_unit']})" if "ci_unit" in c else ""
+    out.append(html_fmt("<h5>Per-capability score (mean grade × 100), paired gain [95 % CI]{}</h5>", unit)
                + table(["capability", "base", "aligned", "gain", "n"], rows))
     keys = ["accuracy", "precision", "recall", "f1", "yes_ratio"]
     rows = [[k, pct(base["pope"][k]), pct(al["pope"][k])] for k in keys]
