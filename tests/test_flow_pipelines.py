@@ -127,7 +127,8 @@ def test_prompts_encoded_as_the_pipelines_do(tiny_sd3_dir, tiny_flux_dir):
     flux = load_sd_components(str(tiny_flux_dir))
     cond = encode_prompts(flux, CAPTIONS, "cpu")
     c, p, _ = FluxPipeline.from_pretrained(str(tiny_flux_dir)).encode_prompt(CAPTIONS, None)
-    assert cond["ctx"].shape == (3, 512, 32) and torch.allclose(cond["ctx"], c, atol=1e-5)
+    # T5 in another batch layout: float32 rounding, up to 1.6e-5 on an AMD EPYC (values up to 3)
+    assert cond["ctx"].shape == (3, 512, 32) and torch.allclose(cond["ctx"], c, atol=5e-5)
     assert torch.allclose(cond["pooled"], p, atol=1e-5)
 
 

@@ -5,7 +5,8 @@ draw per row) and MLLM DPO (no per-step randomness at all).
 Tolerances: the runs differ only in float reduction order (batch shapes, gradient all-reduce), amplified by
 DPO's beta and Adam's normalisation, so losses agree to LOSS_ATOL and the trainable weights to WEIGHT_RTOL x the
 largest trained weight's magnitude. Measured on CPU (Diffusion-DPO, LoRA, beta 500): loss 7.7e-6, weights 6e-6 to
-1.7e-5 x scale; with the global RNG instead (the control) loss 3.4e-2, weights 5.5e-3 x scale."""
+1.7e-5 x scale on an Intel Xeon; 2-process DDP on an AMD EPYC: loss 1.9e-5, weights 1.4e-4 x scale (its kernels
+round differently); with the global RNG instead (the control) loss 3.4e-2, weights 5.5e-3 x scale on both."""
 import json
 import os
 import socket
@@ -25,7 +26,7 @@ from mmalign.core.trainer import StepBatchSampler
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_ATOL = 5e-5
-WEIGHT_RTOL = 1e-4
+WEIGHT_RTOL = 3e-4
 
 
 def seeds(rows, seed=0, epoch=0):
@@ -211,6 +212,7 @@ def test_diffusion_dpo_same_in_every_layout(tmp_path, tiny_sd_dir, eight_pairs, 
     monkeypatch.setattr(LatentDiffusionMethod, "wants_row_seed", False)  # the global RNG, as before
     train_recipe(dpo_config(tmp_path, tiny_sd_dir, eight_pairs, "global_rng", 2, 2))
     loss_diff, weight_diff = differences(big, tmp_path / "global_rng")
+    print(f"global rng control: max loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e} x scale")
     assert loss_diff > 10 * LOSS_ATOL and weight_diff > 10 * WEIGHT_RTOL  # the test tells layouts apart
 
 
