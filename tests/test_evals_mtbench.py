@@ -78,6 +78,19 @@ def test_paired_comparison_uses_items_scored_in_both():
         paired_comparison({"x": 1.0}, {"y": 1.0}, 100, 0)
 
 
+def test_paired_comparison_resamples_groups():
+    """Ten questions on each of 12 images, all gains on one image: significant over items, not over images."""
+    ids = [f"q{i}" for i in range(120)]
+    base = {i: 0.0 for i in ids}
+    new = {i: 1.0 if k < 10 else 0.0 for k, i in enumerate(ids)}
+    groups = {i: f"img{k // 10}.png" for k, i in enumerate(ids)}
+    assert paired_comparison(base, new, 1000, 0)["significant"]
+    cmp = paired_comparison(base, new, 1000, 0, groups=groups)
+    assert not cmp["significant"] and cmp["ci95"][0] == 0.0 and "12 distinct images" in cmp["ci_unit"]
+    del groups["q119"]  # an item without a group is its own
+    assert "13 distinct images" in paired_comparison(base, new, 1000, 0, groups=groups)["ci_unit"]
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_multi_turn_answers_carry_the_first_turn(tiny_llava_dir, monkeypatch):
     import mmalign.mllm.generate as gen

@@ -52,11 +52,14 @@ def mllm_evals(mllm_out: Path) -> list[Path]:
     for name in ("base", "aligned"):
         rows = [json.loads(x) for x in (mllm_out / f"{name}_answers.jsonl").read_text().splitlines() if x.strip()]
         items = _bench_items(rows)
+        captions = {it.id: r["caption"] for it, r in zip(items, rows) if "caption" in r}  # older runs: none
         tasks = mmvet_tasks(items, [r["answer"] for r in rows], judge, judge_settings, seed=0)
         scores[name] = item_scores(tasks["mmvet"])
         if name == "aligned":
             tasks["mmvet"].extra["comparison"] = {"against": "base",
-                                                  **paired_comparison(scores["base"], scores["aligned"], 2000, 0)}
+                                                  **paired_comparison(scores["base"], scores["aligned"], 2000, 0,
+                                                                      groups=captions or None,
+                                                                      unit="scene captions")}
         model = demo["model"] if name == "base" else str(mllm_out / "mllm_dpo" / "final")
         provenance = {"model": model, "bench": "ShapeWorld held-out VQA (mmalign.mllm.demo)",
                       "heldout_seed": demo["heldout_seed"], "judge": judge.id, "judge_temperature": None,

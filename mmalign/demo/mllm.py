@@ -78,7 +78,8 @@ def run_mllm_demo(out: str | Path, model: str | Path = MLLM_BASE, settings: MLLM
     for name, r in (("base", before), ("aligned", after)):
         (out / f"{name}_answers.jsonl").write_text("".join(
             json.dumps({"question": ex.item.question, "truth": ex.item.answer, "capability": ex.item.capability,
-                        "answer": p, "grade": g}) + "\n" for ex, p, g in zip(heldout, r["predictions"], r["scores"])))
+                        "answer": p, "grade": g, "caption": ex.scene.caption}) + "\n"
+            for ex, p, g in zip(heldout, r["predictions"], r["scores"])))
     results["seconds"] = round(time.time() - t0, 1)
     write_mllm_demo(out / "results.json", results)
     return read_mllm_results(out)  # what the file holds: the same dict

@@ -95,6 +95,11 @@ def chat_prompt(item):
     return [image], [{"role": "user", "content": [{"type": "image"}] + content}]
 
 
+def image_groups(bench) -> dict[str, str]:
+    """{item id: its image} for items with an image (questions about one image are compared together)."""
+    return {it.id: it.image for it in bench if getattr(it, "image", None)}
+
+
 def sample_scores(results_path, task: str) -> dict:
     """{item id: score} from the per-sample file beside a results file."""
     path = Path(results_path)
@@ -132,7 +137,8 @@ def run_model(model_src: str, bench, report, judge, s: MLLMEvalSettings, out: Pa
                   "parse_failures": int(task.metrics["parse_failures"]), "data": report.to_dict()}
     if baseline is not None:
         task.extra["comparison"] = {"against": baseline.label,
-                                    **paired_comparison(baseline.scores, item_scores(task), s.n_boot, s.seed)}
+                                    **paired_comparison(baseline.scores, item_scores(task), s.n_boot, s.seed,
+                                                        groups=image_groups(bench))}
     return write_results(out, tasks, model=model_src, provenance=provenance), tasks
 
 

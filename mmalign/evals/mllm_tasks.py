@@ -80,14 +80,19 @@ def item_scores(task) -> dict:
     return {s["id"]: s["score"] for s in task.samples}
 
 
-def paired_comparison(base: dict[str, float | None], new: dict[str, float | None], n_boot: int, seed: int) -> dict:
-    """Paired bootstrap CI of new - base over the item ids both have scored (others counted, not used)."""
-    from ..core.stats import paired_gain_ci
+def paired_comparison(base: dict[str, float | None], new: dict[str, float | None], n_boot: int, seed: int,
+                      groups: dict[str, str] | None = None, unit: str = "images") -> dict:
+    """Paired bootstrap CI of new - base over the item ids both have scored (others counted, not used).
+    `groups` (item id -> image, caption, ...): items of one group are resampled together (`core.stats`); an id
+    without a group is its own."""
+    from ..core.stats import ci_unit, paired_gain_ci
 
     ids = [i for i in new if new[i] is not None and base.get(i) is not None]
     if not ids:
         raise ValueError("no item scored in both runs: nothing to compare (different benchmarks?)")
-    g, lo, hi = paired_gain_ci([new[i] for i in ids], [base[i] for i in ids], n_boot=n_boot, seed=seed)
+    labels = None if groups is None else [groups.get(i, f"item {i}") for i in ids]
+    g, lo, hi = paired_gain_ci([new[i] for i in ids], [base[i] for i in ids], n_boot=n_boot, seed=seed,
+                               groups=labels)
     return {"n_paired": len(ids), "unpaired": len(set(new) | set(base)) - len(ids),
             "base_mean": sum(base[i] for i in ids) / len(ids), "new_mean": sum(new[i] for i in ids) / len(ids),
-            "gain": g, "ci95": [lo, hi], "significant": lo > 0 or hi < 0}
+            "gain": g, "ci95": [lo, hi], "significant": lo > 0 or hi < 0, "ci_unit": ci_unit(labels, unit)}
