@@ -16,7 +16,7 @@ import collections
 import json
 from pathlib import Path
 
-from mmalign.core.stats import paired_gain_ci, win_rate
+from mmalign.core.stats import paired_gain_ci
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -31,21 +31,23 @@ def _ci(after, before, groups) -> str:
 
 def diffusion(base_dir: str, new_dir: str) -> None:
     from mmalign.diffusion.onpolicy import reward_from_scores
+    from mmalign.evals.compare import compare_scores
 
     base, new = _jsonl(Path(base_dir) / "samples.jsonl"), _jsonl(Path(new_dir) / "samples.jsonl")
     prompts = [r["prompt"] for r in base]
     if prompts != [r["prompt"] for r in new] or [r["seed"] for r in base] != [r["seed"] for r in new]:
         raise SystemExit("the two folders do not hold the same prompts and seeds")
-    for key in sorted({k for r in base for k in r["scores"]}):
-        keep = [i for i, r in enumerate(base) if key in r["scores"] and key in new[i]["scores"]]
-        a = [100 * new[i]["scores"][key] for i in keep]
-        b = [100 * base[i]["scores"][key] for i in keep]
-        groups = [prompts[i] for i in keep]
-        print(f"{key:10s} {sum(b) / len(b):5.1f} -> {sum(a) / len(a):5.1f}  gain {_ci(a, b, groups)}")
-    ra, rb = [reward_from_scores(r["scores"]) for r in new], [reward_from_scores(r["scores"]) for r in base]
-    w, wg = win_rate(ra, rb), win_rate(ra, rb, groups=prompts)
-    print(f"win rate {100 * w['win_rate']:.1f} %  over samples [{100 * w['ci95'][0]:.1f}, {100 * w['ci95'][1]:.1f}]"
-          f"  over prompts [{100 * wg['ci95'][0]:.1f}, {100 * wg['ci95'][1]:.1f}]")
+    after, before = [r["scores"] for r in new], [r["scores"] for r in base]
+    items = compare_scores(after, before, reward_from_scores)
+    grouped = compare_scores(after, before, reward_from_scores, prompts)
+    pct = lambda lo_hi, sign="+": f"[{100 * lo_hi[0]:{sign}.1f}, {100 * lo_hi[1]:{sign}.1f}]"  # noqa: E731
+    print(grouped["ci_unit"])
+    for key, g in items["gain"].items():
+        print(f"{key:10s} gain {100 * g['gain']:+.1f}  over samples {pct(g['ci95'])}  over prompts "
+              f"{pct(grouped['gain'][key]['ci95'])}")
+    w, wg = items["win_rate"], grouped["win_rate"]
+    print(f"win rate {100 * w['win_rate']:.1f} %  over samples {pct(w['ci95'], '')}  over prompts "
+          f"{pct(wg['ci95'], '')}")
 
 
 def _vqa_run(run_dir: str, split: str):

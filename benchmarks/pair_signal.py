@@ -6,8 +6,8 @@ share t and noise) against unpaired (BCO/KTO: each image its own t and noise).
 For each pair, the reward of an image is r = err_ref - err_model (the denoising-error gap to the base, the
 quantity both objectives push on; beta left out), at --draws draws of (t, noise). Reported: the mean rewards of
 winners and losers, the mean margin E[r_w - r_l] (the signal a trained model has learnt), and its signal-to-noise
-ratio per pair-draw under shared and under independent (t, noise): mean / std of r_w - r_l. A ratio well below the paired one means an unpaired
-objective sees the preference through more noise at the same data.
+ratio per pair-draw under shared and under independent (t, noise): mean / std of r_w - r_l. A ratio well below
+the paired one means an unpaired objective sees the preference through more noise at the same data.
 """
 from __future__ import annotations
 

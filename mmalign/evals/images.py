@@ -16,7 +16,7 @@ ScorerName = Literal["clipscore", "pickscore", "hpsv2", "aesthetic"]  # mmalign.
 SCORER_CHOICES = get_args(ScorerName)
 MIN_BOOT = 1000  # fewest bootstrap resamples a comparison accepts
 SHAPEWORLD_ALIAS = "shapeworld"  # `--model shapeworld`: the shipped ShapeWorld CLIP, chosen explicitly
-CI_OVER_IMAGES = "95 % CI over prompts, percentile bootstrap (a prompt's images resampled together)"
+CI_OVER_PROMPT_GROUPS = "95 % CI over prompts, percentile bootstrap (a prompt's images resampled together)"
 CI_OVER_PROMPTS = "95 % CI over prompts (paired percentile bootstrap; a prompt's score is its seeds' mean)"
 SHAPEWORLD_NOTICE = (f"clipscore without --model scores with the shipped ShapeWorld CLIP ({SHAPEWORLD_CLIP}), "
                      f"meaningful only for ShapeWorld prompts; pass --model for other images "
@@ -108,7 +108,7 @@ def score_image_folder(settings: ImageEvalSettings):
     mean, lo, hi = bootstrap_ci([r[s.scorer] for r in rows], s.n_boot, s.seed, groups=[r["prompt"] for r in rows])
     task = TaskResult({s.scorer: mean}, {s.scorer: True}, n_original=report.total, n_effective=len(rows),
                       config={"dir": str(root), "scorer": s.scorer, "bad_rows": s.bad_rows}, samples=rows,
-                      extra={"mean": mean, "ci95": [lo, hi], "ci_unit": CI_OVER_IMAGES, "n_boot": s.n_boot,
+                      extra={"mean": mean, "ci95": [lo, hi], "ci_unit": CI_OVER_PROMPT_GROUPS, "n_boot": s.n_boot,
                              "boot_seed": s.seed, "rows": report.to_dict(), **_model_extra(notice)})
     out = write_results(settings.out or root / f"eval_{s.scorer}.json", {f"images_{s.scorer}": task},
                         model=model, provenance=scorer.provenance)

@@ -19,6 +19,7 @@ from ..datasets.shapeworld import Scene, render_scene, sample_scenes
 from ..datasets.shapeworld.vqa import CAPABILITIES, VQAItem, grade, make_vqa, pope_metrics
 from ..core.stats import bootstrap_ci, ci_unit, paired_gain_ci
 from .generate import generate_answers
+from .rejection import message_text
 
 PAIRINGS = ("best", "all")
 BALANCES = ("none", "mirror")
@@ -236,7 +237,7 @@ def balance_rows(rows: list[tuple]) -> tuple[list[tuple], dict[str, int]]:
         by_cap.setdefault(r[4]["capability"], []).append(i)
     keep, dropped = set(), {}
     for cap, idx in by_cap.items():
-        text = [(rows[i][2][0]["content"][0]["text"], rows[i][3][0]["content"][0]["text"]) for i in idx]
+        text = [(message_text(rows[i][2][0]), message_text(rows[i][3][0])) for i in idx]
         kept = [idx[k] for k in mirror_balance(text)]
         keep.update(kept)
         if len(kept) < len(idx):
