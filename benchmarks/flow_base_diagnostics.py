@@ -34,7 +34,7 @@ def gaussian_baseline(x0: torch.Tensor, x_s: torch.Tensor, s: float) -> torch.Te
 
 
 def main() -> None:
-    from diffusers import StableDiffusion3Pipeline
+    from mmalign.diffusion.load_for_sampling import load_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="an SD3-format ShapeWorld pipeline directory")
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--levels", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--seed", type=int, default=777)
     a = ap.parse_args()
-    pipe = StableDiffusion3Pipeline.from_pretrained(a.model)
+    pipe = load_pipeline(a.model)
     vae = pipe.vae
     scenes = sample_scenes(a.seed, a.n, split="train")
     mean, _ = cache_latents(vae, to_pixels([render_scene(sc, vae.config.sample_size) for sc in scenes]))

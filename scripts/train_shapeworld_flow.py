@@ -3,18 +3,26 @@
 and save it with `save_pretrained`: the flow counterpart of scripts/train_shapeworld_base.py.
 
 No VAE phase: the shipped ShapeWorld VAE (mmalign/assets/shapeworld_sd/vae: 32 px -> 4 x 16 x 16 latents) goes into
-the SD3 pipeline with shift_factor 0.0 and its own scaling_factor (the 1/std the SD base measured), so
-x0 = (z - shift_factor) * scaling_factor in training and the pipeline decodes z = x0 / scaling_factor + shift_factor.
-The latents of the ShapeWorld training renders are cached once; the SD3 transformer and the three text encoders
-(CLIP-L, CLIP-G, T5; word-level ShapeWorld tokenizers) are trained jointly on the rectified-flow loss
+the SD3 pipeline with shift_factor 0.0, so x0 = (z - shift_factor) * scaling_factor in training and the pipeline
+decodes z = x0 / scaling_factor + shift_factor. The latents of the ShapeWorld training renders are cached once; the
+SD3 transformer and the text encoders (CLIP-L, CLIP-G and, unless --no-t5, T5; word-level ShapeWorld tokenizers)
+are trained jointly on the rectified-flow loss
 
-    x_s = (1 - s) x0 + s eps,   target eps - x0,   s = sigmoid(n), n ~ N(0, 1) (SD3's logit-normal sampling),
+    x_s = (1 - s) x0 + s eps,   target eps - x0,   s = sigmoid(n), n ~ N(--logit-mean, --logit-std),
 
 with the transformer called at t = s * 1000 (the pipeline's units), prompts encoded by the pipeline's own
-`encode_prompt` (so training and sampling see the same context, T5 padding included), caption dropout to "" for
-classifier-free guidance, AdamW, EMA weights for the saved model, optional cosine decay. The sampler is
-FlowMatchEulerDiscreteScheduler with shift 1.0: SD3's 3.0 is for 128 x 128 latents (4096 tokens); 16 x 16 latents
-(64 tokens) are destroyed by far less noise, so no shift toward high noise is needed.
+`encode_prompt` (so training and sampling see the same context, T5 padding or its zeros included), caption dropout
+to "" for classifier-free guidance, AdamW, EMA weights for the saved model, optional cosine decay. The sampler is
+FlowMatchEulerDiscreteScheduler with shift 1.0.
+
+Three choices the shipped recipe makes (measured: the model card, mmalign/assets/shapeworld_sd3/README.md):
+- --latents mean: this VAE's posterior std (0.63 in the SD base's scaled units) is nearly the spread of the
+  posterior means (0.73), so posterior samples are 43 % white noise by variance; a transformer trained on them does
+  not learn the low-noise end. On the means (scaling_factor set to 1 / their std) it does.
+- --logit-mean 1.0 (the second stage): SD3's N(0, 1) puts 1.4 % of the draws at s > 0.9; then restoring an image
+  from s <= 0.6 works while sampling from pure noise gives fragments. Training the high-noise end more fixes that.
+- --no-t5 and --clip-init: no T5 encoder (the pipeline fills its place with zeros), CLIP-L starts from the SD base's
+  trained text encoder.
 
 Every --eval-every steps it samples --eval-prompts captions of the "validation" split (held out from training; the
 "test" half stays untouched) with fixed seeds, scores them with the exact ShapeWorld scorer, prints one JSON line,
@@ -38,12 +46,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, StableDiffusion3Pipeline
+from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_shapeworld_base import evaluate, to_pixels  # noqa: E402  (the SD base's shared helpers)
 
 from mmalign.datasets.shapeworld import render_scene, sample_scenes  # noqa: E402
 from mmalign.diffusion.flow import MAX_SEQUENCE_LENGTH, flow_denoise  # noqa: E402
+from mmalign.diffusion.load_for_sampling import load_pipeline  # noqa: E402
 from mmalign.diffusion.losses import per_sample_mse  # noqa: E402
 from mmalign.diffusion.tiny_flow import build_sd3_pipeline, merged  # noqa: E402
 
@@ -65,9 +75,24 @@ ARCH = {
 TRAINED = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
-def build(arch: dict, vae_dir: str | Path, seed: int) -> StableDiffusion3Pipeline:
-    """A fresh SD3 pipeline of `arch` with the VAE loaded from `vae_dir` (shift_factor 0.0 if it has none)."""
-    pipe = build_sd3_pipeline(arch, seed=seed)
+def build(arch: dict, vae_dir: str | Path, seed: int, with_t5: bool = True,
+          clip_init: str | Path | None = None) -> StableDiffusion3Pipeline:
+    """A fresh SD3 pipeline of `arch` with the VAE loaded from `vae_dir` (shift_factor 0.0 if it has none).
+
+    `with_t5=False` leaves text_encoder_3 out: the pipeline then puts zeros in T5's place (as many as the
+    max_sequence_length it is called with; identical tokens in the joint attention). `clip_init`: a trained
+    CLIPTextModel directory (the SD base's text_encoder, with its tokenizer in the sibling tokenizer/) that CLIP-L
+    starts from (its text projection is new); CLIP-G stays `arch["clip"]`."""
+    tokenizer = None
+    if clip_init is not None:
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(clip_init).parent / "tokenizer"))
+    pipe = build_sd3_pipeline(arch, seed=seed, tokenizer=tokenizer, with_t5=with_t5)
+    if clip_init is not None:
+        clip_l = CLIPTextModelWithProjection.from_pretrained(str(clip_init))
+        if clip_l.config.vocab_size != pipe.text_encoder_2.config.vocab_size:
+            raise ValueError(f"{clip_init}: vocabulary {clip_l.config.vocab_size} != the ShapeWorld tokenizer's "
+                             f"{pipe.text_encoder_2.config.vocab_size}")
+        pipe.register_modules(text_encoder=clip_l)
     vae = AutoencoderKL.from_pretrained(str(vae_dir))
     if vae.config.shift_factor is None:
         vae.register_to_config(shift_factor=0.0)
@@ -132,7 +157,18 @@ def parse_args(argv=None):
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--init", help="continue from this saved StableDiffusion3Pipeline")
+    ap.add_argument("--latents", choices=["sample", "mean"], default="sample",
+                    help="train on VAE posterior samples (SD's convention) or on the posterior means; 'mean' also "
+                         "sets the pipeline VAE's scaling_factor to 1 / std of the means (a fresh pipeline only)")
+    ap.add_argument("--logit-mean", type=float, default=0.0,
+                    help="mean of the logit-normal noise share s (SD3: 0; > 0 trains the high-noise end more)")
+    ap.add_argument("--logit-std", type=float, default=1.0)
+    ap.add_argument("--no-t5", action="store_true", help="no T5 encoder (the pipeline uses zeros in its place)")
+    ap.add_argument("--clip-init", default=None,
+                    help="CLIPTextModel directory CLIP-L starts from, e.g. mmalign/assets/shapeworld_sd/text_encoder")
     ap.add_argument("--decay", choices=["none", "cosine"], default="none", help="learning-rate decay")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop (evaluate and save) after this many steps of the --steps schedule")
     return ap.parse_args(argv)
 
 
@@ -149,9 +185,10 @@ def main(argv=None):
         log.flush()
 
     if a.init:
-        pipe = StableDiffusion3Pipeline.from_pretrained(a.init)
+        pipe = load_pipeline(a.init, "--init")  # also a folder saved without T5
     else:
-        pipe = build(merged(ARCH, json.loads(a.arch_overrides) if a.arch_overrides else None), a.vae, a.seed)
+        pipe = build(merged(ARCH, json.loads(a.arch_overrides) if a.arch_overrides else None), a.vae, a.seed,
+                     with_t5=not a.no_t5, clip_init=a.clip_init)
     pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(a.seed)
     g = torch.Generator().manual_seed(a.seed)
@@ -161,6 +198,11 @@ def main(argv=None):
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor
     scenes = sample_scenes(a.seed + 1, a.train_images, split="train")
     mean, std = cache_latents(vae, to_pixels([render_scene(s, RESOLUTION) for s in scenes]))
+    if a.latents == "mean":
+        std = torch.zeros_like(std)
+        if not a.init:
+            scale = 1.0 / float((mean - shift).std())
+            vae.register_to_config(scaling_factor=scale)
     captions = [s.caption for s in scenes]
     eval_scenes = sample_scenes(10_000 + a.seed, a.eval_prompts, split="validation")
     eval_seeds = list(range(len(eval_scenes)))
@@ -181,12 +223,13 @@ def main(argv=None):
         return min(1.0, (s + 1) / max(a.warmup, 1)) * decay
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     ema = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in modules.items()}
-    for step in range(1, a.steps + 1):
+    last = min(a.steps, a.stop_after or a.steps)
+    for step in range(1, last + 1):
         idx = torch.randint(0, len(mean), (a.batch,), generator=g)
         z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
         drop = (torch.rand(a.batch, generator=g) < a.caption_dropout).tolist()
         batch_caps = ["" if d else captions[i] for d, i in zip(drop, idx.tolist())]
-        loss = flow_loss(pipe, (z - shift) * scale, batch_caps, g)
+        loss = flow_loss(pipe, (z - shift) * scale, batch_caps, g, a.logit_mean, a.logit_std)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -199,7 +242,7 @@ def main(argv=None):
                     q.lerp_(p, 1 - d)
         if step % a.log_every == 0:
             emit({"phase": "train", "step": step, "loss": round(loss.item(), 5), "s": round(time.time() - t0)})
-        if step % a.eval_every == 0 or step == a.steps:
+        if step % a.eval_every == 0 or step == last:
             live = trained_modules(pipe)
             for k, m in ema.items():
                 setattr(pipe, k, m)

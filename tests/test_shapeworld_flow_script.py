@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +45,58 @@ def test_flow_script_saves_a_loadable_scored_sd3_pipeline(tmp_path):
     assert [im.size for im in images] == [(32, 32)] * 2
     assert set(evals[0]["validation"]) == set(score_samples(images, prompts)["summary"])
     assert type(load_for_sampling(str(out))).__name__ == "StableDiffusion3Pipeline"
+
+
+def test_no_t5_and_clip_l_from_the_sd_base(tmp_path):
+    """--no-t5 leaves text_encoder_3 out (the pipeline puts zeros in its place, at the T5 length it samples with);
+    --clip-init starts CLIP-L from the SD base's trained text encoder, whose weights and tokenizer it keeps."""
+    from transformers import CLIPTextModel
+
+    from mmalign.datasets.shapeworld import sample_scenes
+    from mmalign.diffusion.load_for_sampling import load_pipeline
+    from mmalign.diffusion.sampling import sample_images
+
+    script = load_script()
+    clip_dir = ROOT / "mmalign/assets/shapeworld_sd/text_encoder"
+    sd_text = CLIPTextModel.from_pretrained(str(clip_dir))
+    width = sd_text.config.hidden_size + TINY["clip"]["hidden_size"]
+    arch = json.loads(json.dumps(TINY))
+    arch["transformer"].update(joint_attention_dim=width,
+                               pooled_projection_dim=sd_text.config.projection_dim + TINY["clip"]["projection_dim"])
+    pipe = script.build(script.merged(script.ARCH, arch), ROOT / "mmalign/assets/shapeworld_sd/vae", seed=0,
+                        with_t5=False, clip_init=clip_dir)
+    assert pipe.text_encoder_3 is None and set(script.trained_modules(pipe)) == {
+        "transformer", "text_encoder", "text_encoder_2"}
+    ours, theirs = pipe.text_encoder.state_dict(), sd_text.state_dict()
+    assert len(theirs) > 10 and all(torch.equal(ours["text_model." + k], v) for k, v in theirs.items())
+    enc = script.encode(pipe, ["a red circle", "two blue squares"])
+    clip_len = pipe.tokenizer.model_max_length
+    assert enc["ctx"].shape == (2, clip_len + script.MAX_SEQUENCE_LENGTH["sd3"], width)
+    assert enc["pooled"].shape == (2, arch["transformer"]["pooled_projection_dim"])
+    assert torch.all(enc["ctx"][:, clip_len:] == 0) and enc["ctx"][:, :clip_len].abs().sum() > 0  # T5 slots: zeros
+    out = script.main(["--out", str(tmp_path / "sd3"), "--arch-overrides", json.dumps(arch), "--train-images", "16",
+                       "--steps", "5", "--stop-after", "2", "--batch", "4", "--eval-every", "10", "--eval-prompts", "2",
+                       "--eval-steps", "2", "--warmup", "1", "--threads", "1", "--log-every", "1", "--no-t5",
+                       "--clip-init", str(clip_dir), "--latents", "mean", "--logit-mean", "1.0"])
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r.get("step")) for r in rows] == [("setup", None), ("train", 1), ("train", 2), ("eval", 2)]
+    assert abs(rows[0]["latent_std"] - 1.0) < 1e-3  # --latents mean: scaling_factor = 1 / std of the means
+    sd_scale = script.AutoencoderKL.from_pretrained(str(ROOT / "mmalign/assets/shapeworld_sd/vae")).config.scaling_factor
+    assert abs(rows[0]["scaling_factor"] - sd_scale) > 0.1
+    saved = load_pipeline(out)  # model_index.json: text_encoder_3 [null, null]
+    assert saved.vae.config.scaling_factor == rows[0]["scaling_factor"]
+    assert type(saved).__name__ == "StableDiffusion3Pipeline" and saved.text_encoder_3 is None and saved.text_encoder.config.hidden_size == sd_text.config.hidden_size
+    prompts = [s.caption for s in sample_scenes(5, 2, split="validation")]
+    assert [im.size for im in sample_images(saved, prompts, [0, 1], steps=2, guidance=4.0)] == [(32, 32)] * 2
+    with torch.no_grad():
+        bad = script.CLIPTextModelWithProjection(script.CLIPTextModelWithProjection.config_class(
+            vocab_size=7, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            projection_dim=16, max_position_embeddings=16))
+    bad.save_pretrained(tmp_path / "bad" / "text_encoder")
+    pipe.tokenizer.save_pretrained(tmp_path / "bad" / "tokenizer")
+    with pytest.raises(ValueError, match="vocabulary 7"):
+        script.build(script.merged(script.ARCH, arch), ROOT / "mmalign/assets/shapeworld_sd/vae", seed=0,
+                     with_t5=False, clip_init=tmp_path / "bad" / "text_encoder")
 
 
 def test_flow_loss_decreases_on_a_fixed_batch():
@@ -88,6 +141,8 @@ def test_shipped_flow_base_loads_and_samples_deterministically():
     pipe = load_for_sampling(str(SHAPEWORLD_SD3))
     assert type(pipe).__name__ == "StableDiffusion3Pipeline"
     assert pipe.scheduler.config.shift == 1.0 and pipe.vae.config.shift_factor == 0.0
+    assert pipe.text_encoder_3 is None  # built with --no-t5 (model_index.json: null)
+    assert (SHAPEWORLD_SD3 / "train_log_stage1.jsonl").is_file()
     assert (SHAPEWORLD_SD3 / "README.md").is_file() and (SHAPEWORLD_SD3 / "train_log.jsonl").is_file()
     prompts = [s.caption for s in sample_scenes(3, 2, split="validation")]
     a = sample_images(pipe, prompts, [0, 1], steps=2, guidance=4.0)

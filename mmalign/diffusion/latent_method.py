@@ -13,7 +13,7 @@ from ..core.config import ConfigError
 from ..core.reference import make_reference
 from ..core.row_rng import RowRandom
 from .lora import save_unet_lora
-from .pipeline import SDComponents, load_sd_components, pipeline_class, read_format
+from .pipeline import SDComponents, absent_parts, load_sd_components, pipeline_class, read_format, read_index
 
 
 class UNetPolicy(nn.Module):
@@ -137,4 +137,6 @@ class LatentDiffusionMethod:
             return
         sd15 = not (self.parts.is_sdxl or self.parts.is_flow)
         extra = {"safety_checker": None, "requires_safety_checker": False} if sd15 else {}
-        cls.from_pretrained(self.cfg.model.pretrained, **{slot: unet}, **components, **extra).save_pretrained(out_dir)
+        absent = absent_parts(read_index(self.cfg.model.pretrained))  # e.g. an SD3 base saved without T5
+        cls.from_pretrained(self.cfg.model.pretrained, **{**absent, slot: unet, **components, **extra}
+                            ).save_pretrained(out_dir)

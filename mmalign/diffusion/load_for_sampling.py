@@ -12,6 +12,7 @@ from pathlib import Path
 from ..core.config import ConfigError
 from ..core.paths import looks_like_hub_id
 from .lora import EXPORT_INFO, LORA_WEIGHTS
+from .pipeline import absent_parts
 
 INDEX = "model_index.json"
 VIDEO_PIPELINE = "pipeline"  # a video training export's full AnimateDiffPipeline (video.sampling.save_video_model)
@@ -69,7 +70,7 @@ def load_pipeline(source: str | Path, option: str = "--model"):
     try:
         index = DiffusionPipeline.load_config(str(source))
         extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
-        return DiffusionPipeline.from_pretrained(str(source), **extra)
+        return DiffusionPipeline.from_pretrained(str(source), **{**absent_parts(index), **extra})
     except OSError as e:  # a hub id that is not there (or no network), a folder with missing parts
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(f"{option} {source}: cannot load the pipeline ({first})") from e

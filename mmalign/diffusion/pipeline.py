@@ -52,6 +52,13 @@ class SDComponents:
         return bool(self.flow)
 
 
+def absent_parts(index: dict) -> dict:
+    """{name: None} for each component model_index.json lists as [null, null] (an SD3 pipeline saved without T5):
+    diffusers' from_pretrained refuses such a folder unless they are passed explicitly."""
+    return {k: None for k, v in index.items()
+            if not k.startswith("_") and isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is None}
+
+
 def read_index(source: str) -> dict:
     """A pipeline's model_index.json (directory or hub id); FileNotFoundError when it is neither."""
     from diffusers import DiffusionPipeline
