@@ -14,6 +14,7 @@ from pathlib import Path
 def cmd_train(a) -> None:
     from .core.paths import check_paths
     from .core.registry import load_recipe, method_class
+    from .core.distributed import release_process_group
     from .core.trainer import train
 
     exp = load_recipe(a.config, a.overrides)
@@ -26,6 +27,7 @@ def cmd_train(a) -> None:
     check_rows_fit_batch(exp)
     method = method_class(exp.method)(exp.args, exp.output_dir)
     summary = train(exp, method)
+    release_process_group()
     print(json.dumps(summary, default=str))
 
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from mmalign.core import load_experiment, train
+from mmalign.core.distributed import release_process_group
 from mmalign.core.config import NOT_IDENTITY
 from mmalign.datasets.records import SkipReport
 
@@ -76,6 +77,7 @@ class ToyMethod:
 def main(argv):
     exp = load_experiment(argv[0], argv[1:], ToyConfig)
     train(exp, ToyMethod(exp.args.toy))
+    release_process_group()
 
 
 if __name__ == "__main__":

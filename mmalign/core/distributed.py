@@ -23,6 +23,15 @@ SHARDED_DIR, DEEPSPEED_DIR = "sharded", "deepspeed"
 _SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
+def release_process_group() -> None:
+    """Destroy the default process group, if any, before the process exits: a gloo group left to the interpreter's
+    shutdown can abort a rank ("terminate called without an active exception", exit -6) after its work is done.
+    Entry points call it once, after their last train() returned (train() ends with a barrier; destroying is local,
+    so a rank that failed cannot hang the others here); a later train() would initialise a new group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def setup(acc) -> None:
     """Make accelerate honour an FSDP launch on CPU (gloo): FSDP2 `fully_shard` runs there, accelerate just
     never selects it when `cpu=True`."""
