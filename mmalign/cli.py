@@ -12,9 +12,9 @@ from pathlib import Path
 
 
 def cmd_train(a) -> None:
+    from .core.distributed import release_process_group
     from .core.paths import check_paths
     from .core.registry import load_recipe, method_class
-    from .core.distributed import release_process_group
     from .core.trainer import train
 
     exp = load_recipe(a.config, a.overrides)

@@ -199,7 +199,7 @@ def main(argv=None):
     scenes = sample_scenes(a.seed + 1, a.train_images, split="train")
     mean, std = cache_latents(vae, to_pixels([render_scene(s, RESOLUTION) for s in scenes]))
     if a.latents == "mean":
-        std = torch.zeros_like(std)
+        std = torch.zeros_like(std)  # the loop still draws the noise, so the RNG stream is the same either way
         if not a.init:
             scale = 1.0 / float((mean - shift).std())
             vae.register_to_config(scaling_factor=scale)

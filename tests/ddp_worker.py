@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from mmalign.core import load_experiment, train
-from mmalign.core.distributed import release_process_group
 from mmalign.core.config import NOT_IDENTITY
+from mmalign.core.distributed import release_process_group
 from mmalign.datasets.records import SkipReport
 
 
