@@ -173,3 +173,15 @@ def test_accelerate_configs_parse_and_build_their_plugins(name, monkeypatch):
             assert plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
     else:
         assert cfg.distributed_type == "MULTI_GPU"
+
+
+def test_exit_without_teardown_flushes_and_keeps_the_exit_code():
+    """A finished rank ends through os._exit (gloo's threads outlive destroy_process_group): what it printed or
+    logged is flushed first, and the exit code is the one asked for."""
+    code = ("import logging, sys; from mmalign.core.distributed import exit_without_teardown, release_process_group;"
+            "logging.basicConfig(stream=sys.stderr); logging.getLogger('x').warning('logged');"
+            "print('printed', end=''); assert release_process_group() is False; exit_without_teardown(3)")
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "printed" and "logged" in proc.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 
 import torch
 from accelerate.utils import DistributedType
@@ -23,13 +24,27 @@ SHARDED_DIR, DEEPSPEED_DIR = "sharded", "deepspeed"
 _SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
-def release_process_group() -> None:
-    """Destroy the default process group, if any, before the process exits: a gloo group left to the interpreter's
-    shutdown can abort a rank ("terminate called without an active exception", exit -6) after its work is done.
-    Entry points call it once, after their last train() returned (train() ends with a barrier; destroying is local,
-    so a rank that failed cannot hang the others here); a later train() would initialise a new group."""
+def release_process_group() -> bool:
+    """Destroy the default process group, if any; True when there was one (a multi-process run). Entry points call
+    it once, after their last train() returned (train() ends with a barrier; destroying is local, so a rank that
+    failed cannot hang the others here), then `exit_without_teardown` when it returns True."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        return True
+    return False
+
+
+def exit_without_teardown(code: int = 0) -> None:
+    """End a rank whose work is saved, skipping the interpreter's teardown: gloo's worker threads outlive
+    destroy_process_group (objects such as FSDP's device mesh keep the group alive), and destroying them during
+    interpreter shutdown intermittently aborted a finished rank ("terminate called without an active exception",
+    exit -6: seen in fresh-clone test runs). Logging and stdio are flushed first."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def setup(acc) -> None:
