@@ -55,6 +55,7 @@ from mmalign.datasets.shapeworld import render_scene, sample_scenes  # noqa: E40
 from mmalign.diffusion.flow import MAX_SEQUENCE_LENGTH, flow_denoise  # noqa: E402
 from mmalign.diffusion.load_for_sampling import load_pipeline  # noqa: E402
 from mmalign.diffusion.losses import per_sample_mse  # noqa: E402
+from mmalign.diffusion.pipeline import BASE_NOTES  # noqa: E402
 from mmalign.diffusion.tiny_flow import build_sd3_pipeline, merged  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,6 +249,8 @@ def main(argv=None):
                 setattr(pipe, k, m)
             acc = evaluate(pipe, eval_scenes, eval_seeds, steps=a.eval_steps, guidance=a.eval_guidance)
             pipe.save_pretrained(out)
+            if a.latents == "mean":  # the methods then train on means too (data.latents: auto)
+                (out / BASE_NOTES).write_text(json.dumps({"latents": "mean"}) + "\n")
             for k, m in live.items():
                 setattr(pipe, k, m)
             emit({"phase": "eval", "step": step, "validation": acc, "n": len(eval_scenes),

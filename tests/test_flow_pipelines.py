@@ -185,13 +185,16 @@ def method_on(tmp_path, pipe, pairs_path, cls_name, **sections):
     return m, m.build(torch.device("cpu"))
 
 
-def test_dpo_loss_on_velocity_errors_by_hand(tmp_path, tiny_sd3_dir, pairs):
+@pytest.mark.parametrize("flow_error", ["velocity", "epsilon"])
+def test_dpo_loss_on_velocity_errors_by_hand(tmp_path, tiny_sd3_dir, pairs, flow_error):
     """Two pairs: sigma from the scheduler's table, x_sigma = (1 - sigma) x0 + sigma eps shared by winner and
-    loser, errors against eps - x0, inside = -beta/2 [(e_w - r_w) - (e_l - r_l)], loss = mean -log sigmoid."""
+    loser, errors against eps - x0 (flow_error epsilon: the error of the noise the velocity implies),
+    inside = -beta/2 [(e_w - r_w) - (e_l - r_l)], loss = mean -log sigmoid."""
     from diffusers import SD3Transformer2DModel
 
     beta = 500.0
-    m, policy = method_on(tmp_path, tiny_sd3_dir, pairs, "diffusion_dpo", objective={"beta": beta})
+    m, policy = method_on(tmp_path, tiny_sd3_dir, pairs, "diffusion_dpo",
+                          objective={"beta": beta, "flow_error": flow_error})
     m.dataset()
     with torch.no_grad():
         for p in policy.parameters():
@@ -216,7 +219,10 @@ def test_dpo_loss_on_velocity_errors_by_hand(tmp_path, tiny_sd3_dir, pairs):
             for k in "wl":
                 x = (1 - s.view(-1, 1, 1, 1)) * x0[k] + s.view(-1, 1, 1, 1) * eps
                 v = sd3_call(model, x, s * 1000, cond)
-                err[name, k] = (v - (eps - x0[k])).pow(2).flatten(1).mean(1)
+                if flow_error == "epsilon":  # the noise the velocity implies: eps_hat = x_sigma + (1 - sigma) v
+                    err[name, k] = (x + (1 - s.view(-1, 1, 1, 1)) * v - eps).pow(2).flatten(1).mean(1)
+                else:
+                    err[name, k] = (v - (eps - x0[k])).pow(2).flatten(1).mean(1)
     inside = -beta / 2 * ((err["theta", "w"] - err["ref", "w"]) - (err["theta", "l"] - err["ref", "l"]))
     want = torch.log1p(torch.exp(-inside)).mean()
     assert inside.abs().max() > 1e-3  # a non-trivial case
@@ -282,3 +288,36 @@ def test_sd3_base_without_t5_trains_exports_and_samples(tmp_path, pairs):
         main(["sample", "--model", str(export), "--prompt", "a red circle", "--per-prompt", "1", "--steps", "2",
               "--device", "cpu", "--out", str(out)])
         assert len([json.loads(line) for line in open(out / "samples.jsonl")]) == 1
+
+
+def test_latents_follow_what_the_base_declares(tmp_path, tiny_sd3_dir, pairs, cache):
+    """A base whose mmalign_base.json says {"latents": "mean"} (the ShapeWorld flow base, trained on posterior
+    means) is trained on the means by default (data.latents: auto); "sample" overrides it; full exports carry the
+    notes on; an unknown value is refused."""
+    import shutil
+
+    from mmalign.diffusion.pipeline import BASE_NOTES, training_latents
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_sd3_dir, base)
+    assert training_latents(str(base)) == "sample"  # no notes: diffusers' convention
+    (base / BASE_NOTES).write_text(json.dumps({"latents": "mean"}))
+    assert training_latents(str(base)) == "mean"
+    drawn = {}
+    for asked in ("auto", "sample"):
+        m, _ = method_on(tmp_path / asked, base, pairs, "diffusion_dpo", data={"latents": asked})
+        m.dataset()
+        batch = m.collate([m.data[i] for i in range(2)])
+        batch["row_seed"] = torch.tensor([3, 4])
+        drawn[asked] = m.pair_latents(batch)
+        assert m.latent_source() == {"auto": "mean", "sample": "sample"}[asked]
+    lat_w, lat_l, view = drawn["auto"]
+    idx = torch.arange(2)
+    for lat, side in ((lat_w, "w"), (lat_l, "l")):
+        assert torch.allclose(lat, (batch[f"mean_{side}"][idx, view] - 0.1) * 1.5)  # (mean - shift) * scale
+    assert not torch.allclose(drawn["sample"][0], lat_w)  # posterior samples differ from the means
+    full = run(tmp_path, base, pairs, cache, "diffusion_dpo", name="full")
+    assert json.loads((full / BASE_NOTES).read_text()) == {"latents": "mean"}
+    (base / BASE_NOTES).write_text(json.dumps({"latents": "median"}))
+    with pytest.raises(ValueError, match="latents must be one of"):
+        training_latents(str(base))

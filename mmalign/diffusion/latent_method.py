@@ -6,6 +6,9 @@ and the export of an image pipeline. A method subclasses `LatentDiffusionMethod`
 """
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -13,7 +16,8 @@ from ..core.config import ConfigError
 from ..core.reference import make_reference
 from ..core.row_rng import RowRandom
 from .lora import save_unet_lora
-from .pipeline import SDComponents, absent_parts, load_sd_components, pipeline_class, read_format, read_index
+from .pipeline import (BASE_NOTES, SDComponents, absent_parts, load_sd_components, pipeline_class, read_format,
+                       read_index, training_latents)
 
 
 class UNetPolicy(nn.Module):
@@ -44,6 +48,7 @@ class LatentDiffusionMethod:
         self.parts: SDComponents | None = None
         self.empty: dict[str, torch.Tensor] = {}
         self.ref = None
+        self._latents: str | None = None
 
     # --- models --------------------------------------------------------------------------------------------
 
@@ -93,13 +98,25 @@ class LatentDiffusionMethod:
     def collate(self, rows: list[dict]) -> dict:
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
+    def latent_source(self) -> str:
+        """"sample" or "mean": `data.latents`, or with "auto" what the base declares (`pipeline.training_latents`:
+        a denoiser trained on posterior means sees off-distribution x0 in samples, and in a flow model's velocity
+        target v = eps - x0 that posterior noise is unpredictable error)."""
+        if self._latents is None:
+            asked = self.cfg.data.latents
+            self._latents = training_latents(self.cfg.model.pretrained) if asked == "auto" else asked
+            if asked == "auto" and self._latents != "sample":
+                print(f"data.latents: {self._latents} (declared by the base's {BASE_NOTES})")
+        return self._latents
+
     def sample_latents(self, mean: torch.Tensor, std: torch.Tensor, rows: RowRandom,
                        name: str = "latent") -> torch.Tensor:
-        """A fresh sample of the cached VAE posterior, minus the VAE's shift factor (SD3/FLUX VAEs have one), times
-        its scaling factor (draw `name`)."""
-        eps = rows.randn(name, std.shape[1:], std.device, std.dtype)
+        """A fresh sample of the cached VAE posterior (draw `name`; with `latent_source()` "mean", the mean), minus
+        the VAE's shift factor (SD3/FLUX VAEs have one), times its scaling factor."""
         vae = self.parts.vae.config
-        return (mean + std * eps - (vae.shift_factor or 0.0)) * vae.scaling_factor
+        if self.latent_source() == "sample":
+            mean = mean + std * rows.randn(name, std.shape[1:], std.device, std.dtype)
+        return (mean - (vae.shift_factor or 0.0)) * vae.scaling_factor
 
     def drop_captions(self, cond: dict[str, torch.Tensor], p: float, rows: RowRandom,
                       name: str = "caption_dropout") -> dict[str, torch.Tensor]:
@@ -140,3 +157,10 @@ class LatentDiffusionMethod:
         absent = absent_parts(read_index(self.cfg.model.pretrained))  # e.g. an SD3 base saved without T5
         cls.from_pretrained(self.cfg.model.pretrained, **{**absent, slot: unet, **components, **extra}
                             ).save_pretrained(out_dir)
+        self.copy_base_notes(out_dir)
+
+    def copy_base_notes(self, out_dir: str) -> None:
+        """The base's mmalign_base.json goes with a full export: training on from it keeps the base's latents."""
+        notes = Path(self.cfg.model.pretrained) / BASE_NOTES
+        if notes.is_file():
+            shutil.copyfile(notes, Path(out_dir) / BASE_NOTES)

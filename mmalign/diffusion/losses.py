@@ -40,6 +40,9 @@ def diffusion_dpo_loss(model_err_w: torch.Tensor, model_err_l: torch.Tensor, ref
     (mean over C, H, W), x_sigma = (1 - sigma) x0 + sigma eps with one sigma and eps per pair; beta keeps this
     convention (the 1/2 inside) but has its own scale, velocity errors not being noise errors (a FLUX LoRA run at
     beta 500 spiked; 2000 was the advice, Flow-GRPO issue #47; configs/sd3_diffusion_dpo.yaml uses 2000).
+    `objective.flow_error: epsilon` passes instead the error of the noise the velocity implies,
+    eps_hat = x_sigma + (1 - sigma) v_hat, i.e. (1 - sigma)^2 times the velocity error: SD's weighting over noise
+    levels (a beta that falls as (1 - sigma)^2 towards pure noise).
     Metrics: implicit_acc = mean(inside > 0) with ties counted 1/2; reward_w = -beta/2 * (err_theta(w) -
     err_ref(w)), reward_l likewise; margin = reward_w - reward_l (= inside); model_err, ref_err (means).
     """

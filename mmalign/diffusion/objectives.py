@@ -36,6 +36,9 @@ class DiffusionDPO(DiffusionPreference):
         target = diffusion_target(self.parts.noise_scheduler, x0, noise, t)
         err = per_sample_mse(policy(x_t, t, cond), target)  # one forward over [winners; losers]
         ref_err = per_sample_mse(self.ref_forward(x_t, t, cond), target)
+        if self.parts.is_flow and self.cfg.objective.flow_error == "epsilon":
+            w = (1 - self.parts.noise_scheduler.sigma(t, err)) ** 2
+            err, ref_err = err * w, ref_err * w
         return with_sft_term(diffusion_dpo_loss(*err.chunk(2), *ref_err.chunk(2), beta=self.cfg.objective.beta),
                              err.chunk(2)[0], self.cfg.objective.sft_weight)
 

@@ -8,6 +8,7 @@ are family-agnostic:
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,23 @@ def absent_parts(index: dict) -> dict:
     diffusers' from_pretrained refuses such a folder unless they are passed explicitly."""
     return {k: None for k, v in index.items()
             if not k.startswith("_") and isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is None}
+
+
+BASE_NOTES = "mmalign_base.json"  # what a base declares about its own training, e.g. {"latents": "mean"}
+LATENT_SOURCES = ("sample", "mean")
+
+
+def training_latents(source: str) -> str:
+    """How the base's denoiser was trained on VAE latents: "mean" (posterior means) when its directory's
+    mmalign_base.json says so (the ShapeWorld flow base), else "sample" (fresh posterior samples, as diffusers'
+    training scripts do). Methods train the same way by default (`data.latents: auto`)."""
+    notes = Path(source) / BASE_NOTES
+    if not notes.is_file():
+        return "sample"
+    value = json.loads(notes.read_text()).get("latents", "sample")
+    if value not in LATENT_SOURCES:
+        raise ValueError(f"{notes}: latents must be one of {LATENT_SOURCES}, got {value!r}")
+    return value
 
 
 def read_index(source: str) -> dict:

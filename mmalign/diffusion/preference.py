@@ -45,6 +45,9 @@ class PairDataConfig:
     bad_rows: Literal["skip", "error"] = "skip"  # skip: counted, reported
     caption_dropout: float = bounded(0.0, 0, 1)  # per pair: both images lose the caption together (Salesforce: 0.2)
     random_flip: bool = False  # per pair: both images flipped together
+    # VAE latents: "sample" (fresh posterior samples), "mean" (posterior means), "auto": what the base declares
+    # in its mmalign_base.json (pipeline.training_latents), else "sample"
+    latents: Literal["auto", "sample", "mean"] = "auto"
     cache_dir: str = not_identity(".cache/mmalign")  # encoded pairs (sharded); "": <output_dir>/data_cache, this run's
     encode_batch: int = bounded(8, 1, identity=False)  # pairs per VAE call (x2 images, x2 again with flips): mind 1024 px
     # source rows per cache shard (in the cache key): memory while encoding ~ (1 + 2 x encode_workers) shards of pixels
@@ -68,6 +71,9 @@ class ObjectiveConfig:
     # Inversion-DPO: keep the reference's trajectories of posterior-MEAN latents in memory up to this size, reused
     # every epoch (trajectory_cache.py); 0: invert a fresh posterior sample every step
     inversion_cache_mb: int = bounded(0, 0)
+    # Diffusion-DPO on a flow model: errors of the velocity, or of the noise it implies ((1 - sigma)^2 x the
+    # velocity error: SD's epsilon weighting; a timestep-dependent beta in Flow-DPO's terms)
+    flow_error: Literal["velocity", "epsilon"] = "velocity"
     bco_delta_decay: float = bounded(0.99, 0, 1, hi_open=True)  # BCO: running mean of rewards, delta
 
 

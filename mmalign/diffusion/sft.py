@@ -38,6 +38,9 @@ class DataConfig:
     resolution: int = bounded(0, 0)  # 0: the model's native resolution
     caption_dropout: float = bounded(0.0, 0, 1)  # probability of training on the empty prompt (for CFG)
     random_flip: bool = False  # off by default: a flip contradicts "left of" captions
+    # VAE latents: "sample" (fresh posterior samples), "mean" (posterior means), "auto": what the base declares
+    # in its mmalign_base.json (pipeline.training_latents), else "sample"
+    latents: Literal["auto", "sample", "mean"] = "auto"
     bad_rows: Literal["skip", "error"] = "skip"  # skip: counted, reported
     encode_batch: int = bounded(32, 1, identity=False)  # images per VAE call
     cache_dir: str = not_identity("")  # the encoded cache; "": <output_dir>/data_cache

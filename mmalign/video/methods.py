@@ -57,6 +57,9 @@ class VideoDataConfig:
     num_frames: int = bounded(8, 1)
     resolution: int = bounded(0, 0)  # 0: the model's native resolution
     caption_dropout: float = bounded(0.0, 0, 1)  # per video (per pair for DPO: both videos together)
+    # VAE latents: "sample" (fresh posterior samples), "mean" (posterior means), "auto": what the base declares
+    # in its mmalign_base.json (pipeline.training_latents), else "sample"
+    latents: Literal["auto", "sample", "mean"] = "auto"
     ties: Literal["drop", "error"] = "drop"
     bad_rows: Literal["skip", "error"] = "skip"
     encode_batch: int = bounded(64, 1, identity=False)  # frames per VAE call
