@@ -41,8 +41,13 @@ def band_t(parts, lo: float, hi: float, n: int, g: torch.Generator) -> tuple[tor
     return (u * parts.noise_scheduler.config.num_train_timesteps).long(), torch.ones(n)
 
 
-def gap_gradient(method, policy, batch, lo, hi, seed, error: str) -> torch.Tensor:
-    """grad of mean_pairs(err(w) - err(l)) at one noise draw per pair in the band, flattened."""
+def gap_gradient(method, policy, batch, lo, hi, seed, error: str, draws: int = 1) -> torch.Tensor:
+    """grad of mean_pairs(err(w) - err(l)), averaged over `draws` noise draws per pair in the band, flattened."""
+    grads = [one_draw_gradient(method, policy, batch, lo, hi, seed * 1000 + k, error) for k in range(draws)]
+    return torch.stack(grads).mean(0)
+
+
+def one_draw_gradient(method, policy, batch, lo, hi, seed, error: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     lat_w, lat_l, view = method.pair_latents(batch, RowRandom.of(batch))
     cond_w, cond_l = method.pair_cond(batch, view)
@@ -67,6 +72,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="pairs per gradient")
     ap.add_argument("--batches", type=int, default=12, help="disjoint batches of pairs per band (K)")
     ap.add_argument("--bands", default="0,0.2,0.4,0.6,0.8,1.0")
+    ap.add_argument("--draws", type=int, default=1, help="noise draws per pair averaged into each gradient")
     ap.add_argument("--errors", default="velocity", help="velocity and/or epsilon (flow bases)")
     a = ap.parse_args()
     cache = tempfile.mkdtemp(prefix="coherence_")
@@ -85,15 +91,17 @@ def main() -> None:
         batches.append(method.collate([method.data[i] for i in rows]))
         batches[-1]["row_seed"] = torch.tensor(rows)
     edges = [float(x) for x in a.bands.split(",")]
-    bands = [(lo, hi) for lo, hi in zip(edges, edges[1:])] + [(edges[0], edges[-1])]
+    bands = list(zip(edges, edges[1:]))
+    if len(bands) > 1:
+        bands.append((edges[0], edges[-1]))  # all of them together
     cos = torch.nn.functional.cosine_similarity
     for error in a.errors.split(","):
         for lo, hi in bands:
-            g = [gap_gradient(method, policy, b, lo, hi, 2 * k, error) for k, b in enumerate(batches)]
-            g2 = [gap_gradient(method, policy, b, lo, hi, 2 * k + 1, error) for k, b in enumerate(batches)]
+            g = [gap_gradient(method, policy, b, lo, hi, 2 * k, error, a.draws) for k, b in enumerate(batches)]
+            g2 = [gap_gradient(method, policy, b, lo, hi, 2 * k + 1, error, a.draws) for k, b in enumerate(batches)]
             same = torch.tensor([cos(x, y, dim=0).item() for x, y in zip(g, g2)])
             other = torch.tensor([cos(g[j], g[k], dim=0).item() for j in range(len(g)) for k in range(j)])
-            print(json.dumps({"model": a.model, "pairs": a.pairs, "error": error, "band": [lo, hi],
+            print(json.dumps({"model": a.model, "pairs": a.pairs, "error": error, "band": [lo, hi], "draws": a.draws,
                               "cos_same_pairs_other_noise": round(same.mean().item(), 4),
                               "cos_other_pairs": round(other.mean().item(), 4),
                               "se_other_pairs": round(other.std().item() / len(g) ** 0.5, 4),

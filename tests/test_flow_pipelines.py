@@ -321,3 +321,6 @@ def test_latents_follow_what_the_base_declares(tmp_path, tiny_sd3_dir, pairs, ca
     (base / BASE_NOTES).write_text(json.dumps({"latents": "median"}))
     with pytest.raises(ValueError, match="latents must be one of"):
         training_latents(str(base))
+    (base / BASE_NOTES).write_text("latents: mean")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        training_latents(str(base))

@@ -71,7 +71,10 @@ def training_latents(source: str) -> str:
     notes = Path(source) / BASE_NOTES
     if not notes.is_file():
         return "sample"
-    value = json.loads(notes.read_text()).get("latents", "sample")
+    try:
+        value = json.loads(notes.read_text()).get("latents", "sample")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{notes}: not a JSON object ({e})") from e
     if value not in LATENT_SOURCES:
         raise ValueError(f"{notes}: latents must be one of {LATENT_SOURCES}, got {value!r}")
     return value
