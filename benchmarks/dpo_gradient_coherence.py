@@ -3,7 +3,8 @@ reference) the DPO gradient is proportional to g = grad_theta mean_pairs [err_th
 t and noise per pair shared by winner and loser. This script draws g for K disjoint batches of pairs, twice each
 with other noise, within bands of the noise level, and prints the mean cosines:
 
-- same pairs, other noise draws: how much of g is the pairs' and not the draw's;
+- same pairs, other noise draws (t and eps; a posterior sample stays the row's): how much of g is the pairs' and
+  not the draw's;
 - other pairs (every two of the K batches): how much of g the preference data share, what training can follow.
   Its standard error is over the K batches (the K(K-1)/2 cosines are not independent).
 
