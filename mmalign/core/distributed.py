@@ -36,9 +36,9 @@ def release_process_group() -> bool:
 
 def exit_without_teardown(code: int = 0) -> None:
     """End a rank whose work is saved, skipping the interpreter's teardown: gloo's worker threads outlive
-    destroy_process_group (objects such as FSDP's device mesh keep the group alive), and destroying them during
-    interpreter shutdown intermittently aborted a finished rank ("terminate called without an active exception",
-    exit -6: seen in fresh-clone test runs). Logging and stdio are flushed first."""
+    destroy_process_group (still in /proc after it and a gc.collect: something keeps the group), and ending them
+    during interpreter shutdown intermittently aborted a finished rank ("terminate called without an active
+    exception", exit -6: seen in fresh-clone test runs). Logging and stdio are flushed first."""
     import logging
 
     logging.shutdown()
