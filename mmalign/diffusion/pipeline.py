@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -62,6 +63,9 @@ def absent_parts(index: dict) -> dict:
 
 BASE_NOTES = "mmalign_base.json"  # what a base declares about its own training, e.g. {"latents": "mean"}
 LATENT_SOURCES = ("sample", "mean")
+# data.latents: "sample" (fresh posterior samples), "mean" (posterior means), "auto": what the base declares in its
+# mmalign_base.json (training_latents), else "sample"
+LatentChoice = Literal["auto", "sample", "mean"]
 
 
 def training_latents(source: str) -> str:

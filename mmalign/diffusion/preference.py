@@ -21,7 +21,7 @@ from .latent_method import LatentDiffusionMethod, UNetPolicy
 from .lora import ATTENTION_PROJECTIONS, add_lora
 from .pair_tensors import PairTensors, build_pair_tensors
 from .flow import FLOW_ATTENTION_PROJECTIONS
-from .pipeline import denoise, input_dtype, make_time_ids
+from .pipeline import LatentChoice, denoise, input_dtype, make_time_ids
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,9 +45,7 @@ class PairDataConfig:
     bad_rows: Literal["skip", "error"] = "skip"  # skip: counted, reported
     caption_dropout: float = bounded(0.0, 0, 1)  # per pair: both images lose the caption together (Salesforce: 0.2)
     random_flip: bool = False  # per pair: both images flipped together
-    # VAE latents: "sample" (fresh posterior samples), "mean" (posterior means), "auto": what the base declares
-    # in its mmalign_base.json (pipeline.training_latents), else "sample"
-    latents: Literal["auto", "sample", "mean"] = "auto"
+    latents: LatentChoice = "auto"  # VAE posterior samples or means (pipeline.LatentChoice)
     cache_dir: str = not_identity(".cache/mmalign")  # encoded pairs (sharded); "": <output_dir>/data_cache, this run's
     encode_batch: int = bounded(8, 1, identity=False)  # pairs per VAE call (x2 images, x2 again with flips): mind 1024 px
     # source rows per cache shard (in the cache key): memory while encoding ~ (1 + 2 x encode_workers) shards of pixels

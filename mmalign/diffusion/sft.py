@@ -20,7 +20,7 @@ from .caption_tensors import CachedLatents, build_caption_latents
 from .latent_method import LatentDiffusionMethod, UNetPolicy
 from .lora import ATTENTION_PROJECTIONS, add_lora
 from .losses import per_sample_mse, sft_loss
-from .pipeline import diffusion_target, tokenize
+from .pipeline import LatentChoice, diffusion_target, tokenize
 
 
 @dataclass
@@ -38,9 +38,7 @@ class DataConfig:
     resolution: int = bounded(0, 0)  # 0: the model's native resolution
     caption_dropout: float = bounded(0.0, 0, 1)  # probability of training on the empty prompt (for CFG)
     random_flip: bool = False  # off by default: a flip contradicts "left of" captions
-    # VAE latents: "sample" (fresh posterior samples), "mean" (posterior means), "auto": what the base declares
-    # in its mmalign_base.json (pipeline.training_latents), else "sample"
-    latents: Literal["auto", "sample", "mean"] = "auto"
+    latents: LatentChoice = "auto"  # VAE posterior samples or means (pipeline.LatentChoice)
     bad_rows: Literal["skip", "error"] = "skip"  # skip: counted, reported
     encode_batch: int = bounded(32, 1, identity=False)  # images per VAE call
     cache_dir: str = not_identity("")  # the encoded cache; "": <output_dir>/data_cache

@@ -30,7 +30,7 @@ from ..datasets.records import SkipReport
 from ..diffusion.latent_method import LatentDiffusionMethod, UNetPolicy
 from ..diffusion.lora import add_lora
 from ..diffusion.losses import diffusion_dpo_loss, per_sample_mse, sft_loss
-from ..diffusion.pipeline import diffusion_target, encode_prompts
+from ..diffusion.pipeline import LatentChoice, diffusion_target, encode_prompts
 from .temporal import LORA_PLACEMENTS, MotionSpec, add_alpha_blend, inflate, repeat_per_frame, set_trainable
 
 
@@ -57,9 +57,7 @@ class VideoDataConfig:
     num_frames: int = bounded(8, 1)
     resolution: int = bounded(0, 0)  # 0: the model's native resolution
     caption_dropout: float = bounded(0.0, 0, 1)  # per video (per pair for DPO: both videos together)
-    # VAE latents: "sample" (fresh posterior samples), "mean" (posterior means), "auto": what the base declares
-    # in its mmalign_base.json (pipeline.training_latents), else "sample"
-    latents: Literal["auto", "sample", "mean"] = "auto"
+    latents: LatentChoice = "auto"  # VAE posterior samples or means (pipeline.LatentChoice)
     ties: Literal["drop", "error"] = "drop"
     bad_rows: Literal["skip", "error"] = "skip"
     encode_batch: int = bounded(64, 1, identity=False)  # frames per VAE call
