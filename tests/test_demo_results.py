@@ -53,6 +53,26 @@ def test_diffusion_demo_file_round_trip(tmp_path):
         unpack_mllm_demo(doc)
 
 
+def test_rounds_whose_samples_score_lower_are_flagged():
+    """The summary gives each on-policy round's mean sample score and warns when it falls below the round
+    before (round 1's are the base's pairs): those rounds learn from worse pairs."""
+    from mmalign.demo.diffusion import rounds_not_compounding
+
+    results = two_methods()
+    results["pairs"]["mean_score"] = 0.935
+    results["aligned"]["diffusion_dpo"]["rounds"] = [
+        {"round": 1, "train_seconds": 1.0},
+        {"round": 2, "train_seconds": 1.0, "pairs": {"pairs": 9, "mean_score": 0.981}},
+        {"round": 3, "train_seconds": 1.0, "pairs": {"pairs": 8, "mean_score": 0.9}}]
+    text = format_results(results)
+    assert "round 2: 9 pairs (samples score 0.981); round 3: 8 pairs (samples score 0.900)" in text
+    assert text.count("warning:") == 1
+    assert "warning: round 3's samples score 0.900, below round 2's 0.981: the rounds are not compounding" in text
+    assert rounds_not_compounding({"mean_score": 0.935}, [{"round": 2, "pairs": {"mean_score": 0.9}}]) == [
+        "warning: round 2's samples score 0.900, below round 1's 0.935: the rounds are not compounding"]
+    assert rounds_not_compounding({}, [{"round": 2, "pairs": {"mean_score": 0.9}}]) == []  # nothing to compare
+
+
 def test_mllm_demo_file_round_trip(tmp_path):
     results = mllm_demo_results()
     doc, tasks = written(write_mllm_demo, results, tmp_path / "results.json", "mllm_demo")
