@@ -183,6 +183,8 @@ def test_config_errors(tmp_path, tiny_sd_dir, pairs_dir):
         _method(tmp_path, tiny_sd_dir, pairs_dir, DiffusionDPO, model={"reference": "adapters_off"})
     with pytest.raises(ConfigError, match="model.reference"):
         _method(tmp_path, tiny_sd_dir, pairs_dir, DiffusionDPO, model={"reference": "none"})
+    with pytest.raises(ConfigError, match="flow_error: 'epsilon' is for flow"):  # not silently ignored on a UNet
+        _method(tmp_path, tiny_sd_dir, pairs_dir, DiffusionDPO, objective={"flow_error": "epsilon"})
 
 
 def test_inversion_dpo_cache_and_points_train_and_reuse_trajectories(tmp_path, tiny_sd_dir, pairs_dir):

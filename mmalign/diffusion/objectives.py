@@ -24,6 +24,13 @@ from .trajectory_cache import TrajectoryCache
 
 
 class DiffusionDPO(DiffusionPreference):
+    def build(self, device: torch.device):
+        policy = super().build(device)
+        if self.cfg.objective.flow_error != "velocity" and not self.parts.is_flow:
+            raise ConfigError(f"objective.flow_error: {self.cfg.objective.flow_error!r} is for flow (SD3/FLUX) bases; "
+                              f"{self.cfg.model.pretrained} predicts noise or v already (leave it at 'velocity')")
+        return policy
+
     def loss(self, policy, batch):
         rows = RowRandom.of(batch)
         lat_w, lat_l, view = self.pair_latents(batch, rows)
