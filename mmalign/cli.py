@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def cmd_train(a) -> None:
-    from .core.distributed import exit_without_teardown, release_process_group
+    from .core.distributed import end_run_processes
     from .core.paths import check_paths
     from .core.registry import load_recipe, method_class
     from .core.trainer import train
@@ -27,10 +27,8 @@ def cmd_train(a) -> None:
     check_rows_fit_batch(exp)
     method = method_class(exp.method)(exp.args, exp.output_dir)
     summary = train(exp, method)
-    several_processes = release_process_group()
     print(json.dumps(summary, default=str))
-    if several_processes:
-        exit_without_teardown(0)
+    end_run_processes()
 
 
 def cmd_export(a) -> None:

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from mmalign.core import load_experiment, train
 from mmalign.core.config import NOT_IDENTITY
-from mmalign.core.distributed import exit_without_teardown, release_process_group
+from mmalign.core.distributed import end_run_processes
 from mmalign.datasets.records import SkipReport
 
 
@@ -77,8 +77,7 @@ class ToyMethod:
 def main(argv):
     exp = load_experiment(argv[0], argv[1:], ToyConfig)
     train(exp, ToyMethod(exp.args.toy))
-    if release_process_group():
-        exit_without_teardown(0)
+    end_run_processes()
 
 
 if __name__ == "__main__":

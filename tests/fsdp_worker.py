@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ddp_worker import ToyArgs, ToyMethod  # noqa: E402
 
 from mmalign.core import load_experiment, make_reference, train  # noqa: E402
-from mmalign.core.distributed import exit_without_teardown, release_process_group  # noqa: E402
+from mmalign.core.distributed import end_run_processes  # noqa: E402
 
 
 @dataclass
@@ -46,8 +46,7 @@ class RefToyMethod(ToyMethod):
 def main(argv):
     exp = load_experiment(argv[0], argv[1:], RefToyConfig)
     train(exp, RefToyMethod(exp.args.toy))
-    if release_process_group():
-        exit_without_teardown(0)
+    end_run_processes()
 
 
 if __name__ == "__main__":

@@ -27,11 +27,19 @@ _SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_
 def release_process_group() -> bool:
     """Destroy the default process group, if any; True when there was one (a multi-process run). Entry points call
     it once, after their last train() returned (train() ends with a barrier; destroying is local, so a rank that
-    failed cannot hang the others here), then `exit_without_teardown` when it returns True."""
+    failed cannot hang the others here), then `exit_without_teardown` when it returns True (`end_run_processes`)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
         return True
     return False
+
+
+def end_run_processes() -> None:
+    """The last call of a multi-process entry point (after its last train() returned and its output is
+    printed): destroy the process group and, when there was one, end through `exit_without_teardown(0)`; a
+    single-process run returns normally."""
+    if release_process_group():
+        exit_without_teardown(0)
 
 
 def exit_without_teardown(code: int = 0) -> None:
