@@ -22,7 +22,9 @@ epoch, row): deterministic given the seed and step. Resume is exact when checkpo
 (the buffer is not checkpointed: a resumed run starts with a fresh rollout).
 
 DDP: each rank rolls out its own batch of prompts and every group (one prompt's group_size samples) stays on its
-rank, so advantages need no communication; the logged rewards are the ranks' mean.
+rank, so advantages need no communication; the logged rewards are the ranks' mean. With every step trained,
+2 ranks x batch B train what one process does with batch 2B (tests/test_grpo.py); a window (train_steps_window)
+is drawn per rank, from its first row.
 """
 from __future__ import annotations
 
