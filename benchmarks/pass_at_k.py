@@ -5,7 +5,7 @@
 
 Draws k samples of every distinct caption of the split's first --n prompts (seeds 700000 + 1000·caption + j,
 apart from the evaluation seeds), scores each with the exact scorer, and prints pass@m for m = 1, 2, 4, ... k with
-the unbiased estimator 1 − C(k − c, m) / C(k, m) (c correct of k), averaged over captions weighted by how often
+the unbiased estimator (`core.stats.pass_at`: 1 − C(k − c, m) / C(k, m), c correct of k), averaged over captions weighted by how often
 each occurs among the n prompts (the weighting of the reported "all correct", so pass@1 estimates it) and
 unweighted, plus the share of captions never drawn right in k samples. A method that only sharpens the model's own
 distribution (preference training on its samples, online RL) approaches pass@k for large k at best, so the curve
@@ -16,26 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from math import comb
 from pathlib import Path
 
+from mmalign.core.stats import pass_at_curve
 from mmalign.demo.diffusion import BASE_PIPELINE, heldout_prompts, load_sd_pipeline
-
-
-def pass_at(k: int, c: int, m: int) -> float:
-    """Unbiased pass@m from c correct of k samples (Chen et al. 2021)."""
-    return 1.0 - comb(k - c, m) / comb(k, m)
-
-
-def curve(correct: dict[str, int], counts: Counter, k: int) -> list[dict]:
-    total = sum(counts[p] for p in correct)
-    rows, m = [], 1
-    while m <= k:
-        weighted = sum(counts[p] * pass_at(k, c, m) for p, c in correct.items()) / total
-        plain = sum(pass_at(k, c, m) for c in correct.values()) / len(correct)
-        rows.append({"m": m, "weighted": round(weighted, 4), "unweighted": round(plain, 4)})
-        m *= 2
-    return rows
 
 
 def main() -> None:
@@ -61,7 +45,8 @@ def main() -> None:
     correct = {p: 0 for p in captions}
     for p, s in zip(prompts, per):
         correct[p] += int(s["correct"] >= 1)
-    rows = curve(correct, counts, a.k)
+    rows = [{"m": r["k"], "weighted": round(r["weighted"], 4), "unweighted": round(r["unweighted"], 4)}
+            for r in pass_at_curve(correct, a.k, counts)]
     never = [p for p, c in correct.items() if c == 0]
     result = {"model": a.model, "split": a.split, "n": a.n, "captions": len(captions), "k": a.k,
               "steps": a.steps, "guidance": a.guidance, "pass_at": rows,

@@ -1,8 +1,11 @@
-"""The cluster bootstrap in core.stats: samples that share a prompt are resampled together."""
+"""The cluster bootstrap in core.stats: samples that share a prompt are resampled together; and pass@k."""
+from itertools import combinations
+
 import numpy as np
 import pytest
 
-from mmalign.core.stats import bootstrap_ci, cluster_se, group_sums, paired_gain_ci, win_rate
+from mmalign.core.stats import (bootstrap_ci, cluster_se, group_sums, paired_gain_ci, pass_at, pass_at_curve,
+                                win_rate)
 from mmalign.evals.compare import compare_scores
 
 
@@ -85,3 +88,22 @@ def test_compare_scores_groups_by_prompt():
     assert "8 distinct prompts" in grouped["ci_unit"] and "samples" in items["ci_unit"]
     with pytest.raises(ValueError, match="label every sample"):
         compare_scores(after, before, reward, groups=prompts[:-1])
+
+
+def test_pass_at_by_hand_and_by_enumerating_the_draws():
+    assert pass_at(4, 1, 1) == 0.25 and pass_at(4, 1, 2) == 0.5  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert pass_at(4, 0, 4) == 0.0 and pass_at(4, 4, 1) == 1.0
+    for n, c in ((6, 2), (7, 3), (5, 1)):
+        samples = [1] * c + [0] * (n - c)
+        for k in range(1, n + 1):
+            draws = list(combinations(samples, k))  # every k-subset, equally likely without replacement
+            assert pass_at(n, c, k) == pytest.approx(sum(any(d) for d in draws) / len(draws), abs=1e-12)
+    with pytest.raises(ValueError, match="pass@k"):
+        pass_at(4, 5, 1)
+
+
+def test_pass_at_curve_weights_prompts():
+    rows = pass_at_curve({"a": 1, "b": 4}, 4, {"a": 3, "b": 1})  # a: 1 of 4 correct, seen 3 times; b: 4 of 4
+    assert [r["k"] for r in rows] == [1, 2, 4]
+    assert rows[0]["weighted"] == pytest.approx((3 * 0.25 + 1) / 4) and rows[0]["unweighted"] == pytest.approx(0.625)
+    assert rows[1]["weighted"] == pytest.approx((3 * 0.5 + 1) / 4) and rows[2]["unweighted"] == 1.0

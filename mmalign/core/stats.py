@@ -86,3 +86,26 @@ def win_rate(a_scores, b_scores, n_boot: int = 2000, seed: int = 0, level: float
     if groups is not None:
         out["n_groups"] = len(set(groups))
     return out
+
+
+def pass_at(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from c correct of n samples (Chen et al. 2021): 1 − C(n − c, k) / C(n, k), the chance that k
+    of the n samples drawn without replacement hold at least one correct."""
+    from math import comb
+
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def pass_at_curve(correct: dict, n: int, weights: dict | None = None) -> list[dict]:
+    """pass@k for k = 1, 2, 4, ... n, averaged over prompts (`correct`: prompt -> correct of its n samples),
+    weighted by `weights` (prompt -> weight, e.g. how often it occurs in an evaluation set) and unweighted."""
+    w = weights or {p: 1 for p in correct}
+    total, rows, k = sum(w[p] for p in correct), [], 1
+    while k <= n:
+        at = {p: pass_at(n, c, k) for p, c in correct.items()}
+        rows.append({"k": k, "weighted": sum(w[p] * v for p, v in at.items()) / total,
+                     "unweighted": sum(at.values()) / len(at)})
+        k *= 2
+    return rows
