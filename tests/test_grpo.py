@@ -282,10 +282,10 @@ def test_two_processes_train_what_one_process_does_with_the_doubled_batch(tmp_pa
                                                                             launch):
     """Each rank rolls out its own prompts with per-row noise and keeps its groups, so 2-process DDP with batch 2
     (2 rollouts a step, 2 passes each, KL to the adapters-off reference) trains the LoRA that one process does with
-    batch 4, and logs the same rewards (the ranks' mean). Every step trained (the window is drawn per rank).
-    FSDP2 (full fine-tune, frozen-copy reference) the same. Control, measured: one process with batch 2 ends
+    batch 4, and logs the same rewards (the ranks' mean), with a window of 2 of the 4 denoising steps (rank 0's, as
+    one process draws it). FSDP2 (full fine-tune, frozen-copy reference) the same. Control, measured: one process with batch 2 ends
     5.5e-3 (LoRA) and 6.0e-3 (full) x scale away in the weights, 18-20x WEIGHT_RTOL."""
-    window = {"train_steps_window": 0, "inner_epochs": 2}
+    window = {"train_steps_window": 2, "inner_epochs": 2}
     model = {} if launch == "ddp" else {"lora_rank": 0, "reference": "frozen_copy"}  # FSDP2: both copies sharded
     single = grpo_experiment(tmp_path, tiny_sd_dir, prompt_file, "single", train={"batch_size": 4, "max_steps": 3},
                              objective=window, model=model)

@@ -34,6 +34,17 @@ def release_process_group() -> bool:
     return False
 
 
+def main_process_value(value: int, device: torch.device) -> int:
+    """`value` as the main process (rank 0) has it, on every rank of a multi-process run; a collective, so every
+    rank must call it at the same point. One process: `value` itself."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)  # on the device: NCCL moves device tensors only
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def end_run_processes() -> None:
     """The last call of a multi-process entry point (after its last train() returned and its output is
     printed): destroy the process group and, when there was one, end through `exit_without_teardown(0)`; a

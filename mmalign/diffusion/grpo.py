@@ -22,9 +22,9 @@ epoch, row): deterministic given the seed and step. Resume is exact when checkpo
 (the buffer is not checkpointed: a resumed run starts with a fresh rollout).
 
 DDP: each rank rolls out its own batch of prompts and every group (one prompt's group_size samples) stays on its
-rank, so advantages need no communication; the logged rewards are the ranks' mean. With every step trained,
-2 ranks x batch B train what one process does with batch 2B (tests/test_grpo.py); a window (train_steps_window)
-is drawn per rank, from its first row.
+rank, so advantages need no communication; the logged rewards are the ranks' mean. A train_steps_window is
+rank 0's (drawn from its first row, the global batch's first), shared by every rank: 2 ranks x batch B train what
+one process does with batch 2B (tests/test_grpo.py).
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..core.config import ConfigError, bounded
+from ..core.distributed import main_process_value
 from ..core.row_rng import RowRandom, mix
 from ..datasets.records import SkipReport
 from .grpo_losses import gaussian_kl, group_advantages, grpo_loss
@@ -199,7 +200,9 @@ class DiffusionGRPO(LatentDiffusionMethod):
         shape = (g, s + 1, channels, latent, latent)
         noise = rows.randn("rollout_noise", shape, self.device).flatten(0, 1)  # [B*G, S+1, ...], per row
         w = o.train_steps_window or s
-        start = int(rows.randint("window", 0, s - w + 1)[0]) if w < s else 0  # one window per rollout
+        # one window per rollout, drawn from its first row: under DDP/FSDP rank 0's, whose first row is the global
+        # batch's, so every rank trains the steps one process would
+        start = main_process_value(int(rows.randint("window", 0, s - w + 1)[0]), self.device) if w < s else 0
         self.steps = torch.arange(start, start + w)
         etas = torch.zeros(s)
         etas[self.steps] = o.flow_noise_level if flow else o.eta
