@@ -5,11 +5,11 @@
 
 Draws k samples of every distinct caption of the split's first --n prompts (seeds 700000 + 1000·caption + j,
 apart from the evaluation seeds), scores each with the exact scorer, and prints pass@m for m = 1, 2, 4, ... k with
-the unbiased estimator (`core.stats.pass_at`: 1 − C(k − c, m) / C(k, m), c correct of k), averaged over captions weighted by how often
-each occurs among the n prompts (the weighting of the reported "all correct", so pass@1 estimates it) and
-unweighted, plus the share of captions never drawn right in k samples. A method that only sharpens the model's own
-distribution (preference training on its samples, online RL) approaches pass@k for large k at best, so the curve
-bounds what such training can reach without learning something the base never draws.
+the unbiased estimator (`core.stats.pass_at`: 1 − C(k − c, m) / C(k, m), c correct of k), averaged over captions
+weighted by how often each occurs among the n prompts (the weighting of the reported "all correct", so pass@1
+estimates it) and unweighted, plus the share of captions never drawn right in k samples. A method that only
+sharpens the model's own distribution (preference training on its samples, online RL) approaches pass@k for large
+k at best, so the curve bounds what such training can reach without learning something the base never draws.
 """
 from __future__ import annotations
 

@@ -282,38 +282,39 @@ def test_two_processes_train_what_one_process_does_with_the_doubled_batch(tmp_pa
                                                                             launch):
     """Each rank rolls out its own prompts with per-row noise and keeps its groups, so 2-process DDP with batch 2
     (2 rollouts a step, 2 passes each, KL to the adapters-off reference) trains the LoRA that one process does with
-    batch 4, and logs the same rewards (the ranks' mean), with a window of 2 of the 4 denoising steps (rank 0's, as
-    one process draws it). FSDP2 (full fine-tune, frozen-copy reference) the same. Control, measured: one process with batch 2 ends
-    5.5e-3 (LoRA) and 6.0e-3 (full) x scale away in the weights, 18-20x WEIGHT_RTOL."""
+    batch 4 and logs the same rewards (the ranks' mean), training a window of 2 of the 4 denoising steps (rank 0's,
+    broadcast: as one process draws it). FSDP2 (full fine-tune, frozen-copy reference) the same. Controls, measured:
+    one process with batch 2 ends 5.5e-3 (LoRA) and 6.0e-3 (full) x scale away in the weights, 18-20x WEIGHT_RTOL;
+    with a window drawn per rank instead, the logged rewards differ beyond LOSS_ATOL."""
     window = {"train_steps_window": 2, "inner_epochs": 2}
     model = {} if launch == "ddp" else {"lora_rank": 0, "reference": "frozen_copy"}  # FSDP2: both copies sharded
     single = grpo_experiment(tmp_path, tiny_sd_dir, prompt_file, "single", train={"batch_size": 4, "max_steps": 3},
                              objective=window, model=model)
     train(single, DiffusionGRPO(single.args, single.output_dir))
-    ddp = grpo_experiment(tmp_path, tiny_sd_dir, prompt_file, "ddp", objective=window, model=model,
-                          train={"batch_size": 2, "max_steps": 3, "save_every": 3})
-    save_resolved(ddp, str(tmp_path / "ddp_resolved.yaml"))
+    multi = grpo_experiment(tmp_path, tiny_sd_dir, prompt_file, "multi", objective=window, model=model,
+                            train={"batch_size": 2, "max_steps": 3, "save_every": 3})
+    save_resolved(multi, str(tmp_path / "multi_resolved.yaml"))
     repo, here = Path(__file__).resolve().parents[1], Path(__file__).resolve().parent
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), "-m", "mmalign.cli", "train",
-           str(tmp_path / "ddp_resolved.yaml")]
+           str(tmp_path / "multi_resolved.yaml")]
     env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{here}", "OMP_NUM_THREADS": "1",
            **({} if launch == "ddp" else fsdp_env(launch))}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=repo)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    shards = sorted(p.name for p in (tmp_path / "ddp/checkpoints").rglob("*.distcp"))
+    shards = sorted(p.name for p in (tmp_path / "multi/checkpoints").rglob("*.distcp"))
     assert shards == ([] if launch == "ddp" else ["__0_0.distcp", "__1_0.distcp"])  # FSDP2 did shard
 
     def logged(name):
         return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
-    a, b = logged("single"), logged("ddp")
+    a, b = logged("single"), logged("multi")
     assert len(a) == len(b) == 3
     for key in ("reward_mean", "reward/test_grpo.red_reward_mean", "kl", "loss"):
         assert all(abs(x[key] - y[key]) <= LOSS_ATOL for x, y in zip(a, b)), (key, a, b)
     assert a[-1]["kl"] > 0  # the policy has moved: not a comparison of untrained models
     trained = "pytorch_lora_weights.safetensors" if launch == "ddp" else "unet/diffusion_pytorch_model.safetensors"
-    wa, wb = (load_file(tmp_path / n / "final" / trained) for n in ("single", "ddp"))
+    wa, wb = (load_file(tmp_path / n / "final" / trained) for n in ("single", "multi"))
     assert wa.keys() == wb.keys()
     scale = max(v.abs().max().item() for v in wa.values())
     diff = max((wa[k] - wb[k]).abs().max().item() for k in wa) / scale
