@@ -4,8 +4,6 @@ errors naming the reward, counted prompt skips, two training steps through the s
 export that loads, and 2-process DDP / FSDP2 training what one process does with the doubled batch."""
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from mmalign.diffusion.rollout import (DDIMGrid, ddim_grid, euler_step, flow_sde
                                        sample_trajectories, step_log_prob, step_stats)
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_row_rng import LOSS_ATOL, WEIGHT_RTOL, free_port  # noqa: E402
+from test_row_rng import LOSS_ATOL, WEIGHT_RTOL, torchrun  # noqa: E402
 from test_scale_out import fsdp_env  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -294,14 +292,7 @@ def test_two_processes_train_what_one_process_does_with_the_doubled_batch(tmp_pa
     multi = grpo_experiment(tmp_path, tiny_sd_dir, prompt_file, "multi", objective=window, model=model,
                             train={"batch_size": 2, "max_steps": 3, "save_every": 3})
     save_resolved(multi, str(tmp_path / "multi_resolved.yaml"))
-    repo, here = Path(__file__).resolve().parents[1], Path(__file__).resolve().parent
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), "-m", "mmalign.cli", "train",
-           str(tmp_path / "multi_resolved.yaml")]
-    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{here}", "OMP_NUM_THREADS": "1",
-           **({} if launch == "ddp" else fsdp_env(launch))}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=repo)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(tmp_path / "multi_resolved.yaml", **({} if launch == "ddp" else fsdp_env(launch)))
     shards = sorted(p.name for p in (tmp_path / "multi/checkpoints").rglob("*.distcp"))
     assert shards == ([] if launch == "ddp" else ["__0_0.distcp", "__1_0.distcp"])  # FSDP2 did shard
 

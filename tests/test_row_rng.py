@@ -133,10 +133,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun(config: Path):
+def torchrun(config: Path, **extra_env):
+    """`mmalign train config` in 2 processes; the tests folder is importable there (rewards defined in tests)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "mmalign.cli", "train", str(config)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1", **extra_env}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

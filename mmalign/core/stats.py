@@ -10,6 +10,8 @@ interval between two numbers), so with fewer than MIN_GROUPS groups the interval
 """
 from __future__ import annotations
 
+from math import comb
+
 import numpy as np
 
 MIN_GROUPS = 10  # fewer groups than this: the CI also covers the item bootstrap's
@@ -91,8 +93,6 @@ def win_rate(a_scores, b_scores, n_boot: int = 2000, seed: int = 0, level: float
 def pass_at(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from c correct of n samples (Chen et al. 2021): 1 − C(n − c, k) / C(n, k), the chance that k
     of the n samples drawn without replacement hold at least one correct."""
-    from math import comb
-
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     return 1.0 - comb(n - c, k) / comb(n, k)
