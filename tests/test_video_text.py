@@ -2,6 +2,7 @@
 adapter's text_encoder/ and used by every video path (video_pipeline, VideoMethod.build, the DPO export), while
 the image pipeline keeps its own."""
 import json
+import math
 import random
 
 import pytest
@@ -13,8 +14,8 @@ from mmalign.core.trainer import train
 from mmalign.datasets.shapeworld.video import sample_clip
 from mmalign.video.methods import VideoConfig, VideoDataConfig, VideoDiffusionDPO, VideoModelConfig
 from mmalign.video.sampling import video_pipeline
-from mmalign.video.text import (TEXT_ENCODER, VideoTextTemporalTraining, direction_swaps, separation_loss,
-                                shipped_text_encoder, text_encoder_differs, token_ids, word_ids)
+from mmalign.video.text import (TEXT_ENCODER, VideoTextTemporalTraining, caption_contrast_loss, direction_swaps,
+                                separation_loss, shipped_text_encoder, text_encoder_differs, token_ids, word_ids)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F = 4
@@ -84,3 +85,34 @@ def test_plain_temporal_training_ships_no_text_encoder(tiny_sd_dir, tmp_path):
     run(plain, tmp_path, steps=1)
     assert not (tmp_path / "final/motion_adapter" / TEXT_ENCODER).exists()
     assert shipped_text_encoder(tmp_path / "final/motion_adapter") is None
+
+
+def test_caption_contrast_loss_by_hand_and_against_pairwise_logistic():
+    # relative gaps 1 % and 2 % at tau 0.01: logits 0, -1, -2 after the shared shift
+    loss, best = caption_contrast_loss(torch.tensor([[1.0, 1.01, 1.02], [2.0, 1.98, 2.02]]), 0.01)
+    row0 = math.log(1 + math.exp(-1) + math.exp(-2))  # 0.40760
+    row1 = math.log(1 + math.exp(1) + math.exp(-1))  # the first swap fits better: gap -1 %
+    assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-5)
+    assert best.item() == 0.5
+    # one swap: the softmax over two captions is the logistic loss on their relative gap
+    e = torch.tensor([[0.3, 0.33], [0.5, 0.49]])
+    two, _ = caption_contrast_loss(e, 0.05)
+    logistic = torch.nn.functional.softplus(-(e[:, 1] - e[:, 0]) / (0.05 * e[:, 0])).mean()
+    assert two.item() == pytest.approx(logistic.item(), rel=1e-6)
+    # the true caption's error is the scale, not a gradient path: d/de_0 comes from the logit alone
+    e = torch.tensor([[1.0, 1.01]], requires_grad=True)
+    caption_contrast_loss(e, 0.01)[0].backward()
+    p_true = 1 / (1 + math.exp(-1))
+    assert e.grad[0, 0].item() == pytest.approx((1 - p_true) / 0.01, rel=1e-4)
+    with pytest.raises(ValueError, match="B, 1 \\+ K"):
+        caption_contrast_loss(torch.ones(3), 0.01)
+
+
+def test_caption_contrast_training_logs_the_direction_gap_and_trains_the_text_encoder(tiny_sd_dir, tmp_path):
+    method = VideoTextTemporalTraining(config(tiny_sd_dir), str(tmp_path), data=clips(2), contrast_weight=1.0)
+    log = run(method, tmp_path, steps=2)
+    for key in ("contrast_loss", "true_caption_best", "direction_gap", "model_err"):
+        assert all(key in row and math.isfinite(row[key]) for row in log), key
+    assert log[0]["contrast_loss"] == pytest.approx(math.log(4), abs=0.3)  # four captions, barely apart at start
+    trained = shipped_text_encoder(tmp_path / "final/motion_adapter")
+    assert text_encoder_differs(trained, CLIPTextModel.from_pretrained(tiny_sd_dir, subfolder="text_encoder"))

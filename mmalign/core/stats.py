@@ -13,6 +13,7 @@ from __future__ import annotations
 from math import comb
 
 import numpy as np
+import torch
 
 MIN_GROUPS = 10  # fewer groups than this: the CI also covers the item bootstrap's
 
@@ -109,3 +110,27 @@ def pass_at_curve(correct: dict, n: int, weights: dict | None = None) -> list[di
                      "unweighted": sum(at.values()) / len(at)})
         k *= 2
     return rows
+
+
+def gradient_noise_scale(gram: torch.Tensor, batch: int, idx: torch.Tensor | None = None) -> dict[str, float]:
+    """The gradient noise scale (McCandlish et al. 2018) from M independent minibatch gradients g_k of `batch`
+    samples each, given their M x M Gram matrix g_j . g_k. With G the true gradient and S the per-sample covariance,
+    E[g_j . g_k] = |G|^2 for j != k and E|g_k|^2 = |G|^2 + tr(S) / batch, so
+
+        |G|^2 = mean_{j != k} g_j . g_k,   tr(S) = batch (mean_k |g_k|^2 - |G|^2),   B_noise = tr(S) / |G|^2,
+
+    the batch at which a step's noise equals its signal (inf when the |G|^2 estimate is <= 0: no direction
+    resolved). `idx`: a bootstrap draw of rows (pairs of one original gradient with itself are left out of the cross
+    terms). cos_pairs: mean cosine of two different gradients (gradients of norm 0 left out)."""
+    idx = torch.arange(len(gram)) if idx is None else idx
+    sub = gram[idx][:, idx].double()
+    cross = idx[:, None] != idx[None, :]
+    if not cross.any():
+        raise ValueError("gradient_noise_scale needs at least two different gradients")
+    g2 = sub[cross].mean()
+    trace = batch * (sub.diagonal().mean() - g2)
+    norms = sub.diagonal().sqrt()
+    live = norms > 0
+    cos = (sub / (norms[:, None] * norms[None, :]).clamp_min(1e-300))[cross & live[:, None] & live[None, :]]
+    return {"G2": g2.item(), "trS": trace.item(), "B_noise": (trace / g2).item() if g2 > 0 else float("inf"),
+            "cos_pairs": cos.mean().item() if len(cos) else float("nan")}

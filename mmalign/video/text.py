@@ -6,13 +6,16 @@ sub-folder (a `CLIPTextModel`) that replaces the base's in every video path (`sa
 `VideoTextTemporalTraining` trains it jointly with the motion modules (video_temporal on in-memory clips): the
 policy encodes token ids itself (`TextVideoDenoiser`), so the caption's embedding gets the denoising gradient;
 optional `sep_weight`: a hinge pushing captions that differ only in the direction word apart (relative distance
-of the whole embedding sequence below `sep_margin` is penalised).
+of the whole embedding sequence below `sep_margin` is penalised); optional `contrast_weight`: `caption_contrast_loss`,
+which asks the true caption to denoise the clip better than its direction swaps at the same x_t and noise.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import CLIPTextModel
 
 from ..core.row_rng import RowRandom
@@ -93,17 +96,36 @@ def separation_loss(policy: TextVideoDenoiser, ids: torch.Tensor, word_ids: list
     return torch.relu(margin - rel).mean()
 
 
+def caption_contrast_loss(errors: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which caption denoises this clip? errors (B, 1 + K): per-clip denoising errors at one x_t and noise, column 0
+    under the true caption, columns 1.. under its direction swaps. Relative logits z_k = -e_k / (tau * sg(e_0)) and
+
+        L = -log softmax(z)_0 = log sum_k exp(-(e_k - e_0) / (tau * sg(e_0)))
+
+    so a swap that fits 1 % worse than the true caption is one logit unit behind at tau = 0.01. The noise term is
+    shared by all columns, so their differences carry only the caption's effect: a low-variance signal for a word
+    whose effect on the plain denoising loss is tiny. Returns (loss, share of clips whose true caption fits best)."""
+    if errors.dim() != 2 or errors.shape[1] < 2:
+        raise ValueError(f"errors must be (B, 1 + K) with K >= 1, got {tuple(errors.shape)}")
+    logits = -errors / (temperature * errors[:, :1].detach().clamp_min(1e-12))
+    labels = torch.zeros(len(errors), dtype=torch.long, device=errors.device)
+    return F.cross_entropy(logits, labels), (errors.argmin(dim=1) == 0).float().mean()
+
+
 class VideoTextTemporalTraining(VideoTemporalTraining):
     """video_temporal with the text encoder trained too (in-memory `data=[(caption, frames), ...]` only)."""
 
-    def __init__(self, cfg, output_dir: str, data: list, sep_weight: float = 0.0, sep_margin: float = 0.5):
+    def __init__(self, cfg, output_dir: str, data: list, sep_weight: float = 0.0, sep_margin: float = 0.5,
+                 contrast_weight: float = 0.0, contrast_temp: float = 0.01):
         super().__init__(cfg, output_dir, data=data)
         self.sep_weight, self.sep_margin = sep_weight, sep_margin
+        self.contrast_weight, self.contrast_temp = contrast_weight, contrast_temp
 
     def build(self, device: torch.device) -> TextVideoDenoiser:
         policy = super().build(device)
         te = self.parts.text_encoder.requires_grad_(True).train()
-        self.word_ids = word_ids(self.parts.tokenizer, DIRECTIONS) if self.sep_weight > 0 else []
+        self.word_ids = (word_ids(self.parts.tokenizer, DIRECTIONS) if self.sep_weight > 0 or self.contrast_weight > 0
+                         else [])
         return TextVideoDenoiser(policy.unet, te)
 
     def dataset(self):
@@ -117,8 +139,21 @@ class VideoTextTemporalTraining(VideoTemporalTraining):
         noise = rows.randn("noise", x0.shape[1:], x0.device, x0.dtype)
         t = self.sample_t(rows, x0.device)
         sched = self.parts.noise_scheduler
-        pred = policy(sched.add_noise(x0, noise, t), t, batch["ids"])
-        loss, metrics = sft_loss(per_sample_mse(pred, diffusion_target(sched, x0, noise, t)))
+        x_t, target, ids = sched.add_noise(x0, noise, t), diffusion_target(sched, x0, noise, t), batch["ids"]
+        if self.contrast_weight > 0:  # the true caption and its direction swaps in one call, same x_t and noise
+            alts = direction_swaps(ids, self.word_ids).to(ids.device)
+            b, k, n = alts.shape
+            every = torch.cat([ids[:, None], alts], dim=1).reshape(b * (k + 1), n)
+            rep = functools.partial(torch.repeat_interleave, repeats=k + 1, dim=0)
+            errors = per_sample_mse(policy(rep(x_t), rep(t), every), rep(target)).reshape(b, k + 1)
+            loss, metrics = sft_loss(errors[:, 0])
+            contrast, best = caption_contrast_loss(errors, self.contrast_temp)
+            gap = ((errors[:, 1:] - errors[:, :1]) / errors[:, :1]).mean()
+            loss = loss + self.contrast_weight * contrast
+            metrics = {**metrics, "contrast_loss": contrast.detach(), "true_caption_best": best,
+                       "direction_gap": gap.detach()}
+        else:
+            loss, metrics = sft_loss(per_sample_mse(policy(x_t, t, ids), target))
         if self.sep_weight > 0:
             sep = separation_loss(policy, batch["ids"], self.word_ids, self.sep_margin)
             loss, metrics = loss + self.sep_weight * sep, {**metrics, "sep_loss": sep.detach()}
