@@ -14,8 +14,8 @@ dimension is a / (1 - a) |x0_hat - x0|^2 / D. Candidate sets:
 - other colour: the same direction, blue (the colour word's gap, for scale).
 
 Printed per t: each set's error relative to `true`'s, and `true`'s error itself; and for scale, a video model's
-(`--adapter`, default the shipped one) epsilon error on the same x_t under the true caption and under the
-opposite direction's. A finite candidate set
+(`--adapter`, default the shipped one) epsilon error on the same x_t under the true caption, under the opposite
+direction's and under the other colour's. A finite candidate set
 overstates every error at low t (its nearest clip is not x0), equally for all sets; `--per-direction 250` against
 the default shows how far the gaps depend on N.
 
@@ -115,15 +115,16 @@ def main() -> None:
     for t in (int(x) for x in a.timesteps.split(",")):
         abar = float(bars[t])
         err = {"true": [], "any": [], "opposite": [], "other colour": []}
-        model = {"model_true": [], "model_opposite": []}
+        model = {"model_true": [], "model_opposite": [], "model_other_colour": []}
         for d in DIRECTIONS:
             x0 = held[d]
             eps = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
             x_t = abar ** 0.5 * x0 + (1 - abar) ** 0.5 * eps
             if a.adapter:
-                for key, word in (("model_true", d), ("model_opposite", OPPOSITE[d])):
+                for key, colour, word in (("model_true", a.colour, d), ("model_opposite", a.colour, OPPOSITE[d]),
+                                          ("model_other_colour", a.other_colour, d)):
                     model[key].append(model_errors(a.base, a.adapter, x_t, eps, t,
-                                                   [motion_caption(a.colour, a.shape, word)] * len(x0), tuple(shape)))
+                                                   [motion_caption(colour, a.shape, word)] * len(x0), tuple(shape)))
             err["true"].append(posterior_error(x0, x_t, cand[d], abar))
             err["any"].append(posterior_error(x0, x_t, every, abar))
             err["opposite"].append(posterior_error(x0, x_t, cand[OPPOSITE[d]], abar))
@@ -134,8 +135,8 @@ def main() -> None:
         if a.adapter:
             m = {k: torch.cat(v) for k, v in model.items()}
             rel["model_eps_err"] = round(m["model_true"].mean().item(), 5)
-            rel["model_opposite_vs_true"] = round(((m["model_opposite"] - m["model_true"]).mean()
-                                                   / m["model_true"].mean()).item(), 5)
+            for k in ("model_opposite", "model_other_colour"):
+                rel[f"{k}_vs_true"] = round(((m[k] - m["model_true"]).mean() / m["model_true"].mean()).item(), 5)
         print(json.dumps({"t": t, "alpha_bar": round(abar, 5), "per_direction": a.per_direction,
                           "held_out": 4 * a.held_out, "true_eps_err": round(e["true"].mean().item(), 5),
                           "blind_eps_err": round(e["any"].mean().item(), 5), **rel}), flush=True)

@@ -161,6 +161,8 @@ def main():
     ap.add_argument("--sep-margin", type=float, default=0.5, help="--train-text: the hinge's relative distance")
     ap.add_argument("--contrast-weight", type=float, default=0.0,
                     help="--train-text: weight of the caption-contrast term (video.text.caption_contrast_loss)")
+    ap.add_argument("--text-frozen", action="store_true",
+                    help="--train-text without training the text encoder (for --contrast-weight alone)")
     ap.add_argument("--contrast-temp", type=float, default=0.01, help="its temperature (relative error gap)")
     ap.add_argument("--gap-only", default="", help="only print direction_gap for this adapter directory")
     ap.add_argument("--sep-only", default=None, help="only print text_separation for this adapter dir ('': base)")
@@ -186,7 +188,8 @@ def main():
                                                             max_minutes=a.max_minutes, resume="never"), cfg)
     method = (HighNoiseTextTraining(cfg, a.work, data=shapeworld_clips(a.clips, a.seed, 8, 32), t_min=a.t_min,
                                     sep_weight=a.sep_weight, sep_margin=a.sep_margin,
-                                    contrast_weight=a.contrast_weight, contrast_temp=a.contrast_temp) if a.train_text
+                                    contrast_weight=a.contrast_weight, contrast_temp=a.contrast_temp,
+                                    text_trainable=not a.text_frozen) if a.train_text
               else HighNoiseTraining(cfg, a.work, t_min=a.t_min))
     summary = train(exp, method)
     train_s = time.time() - t0
@@ -202,6 +205,7 @@ def main():
                         "warmup": a.warmup, "t_min": a.t_min,
                         "train_text": a.train_text, "sep_weight": a.sep_weight, "sep_margin": a.sep_margin,
                         "contrast_weight": a.contrast_weight, "contrast_temp": a.contrast_temp,
+                        "text_frozen": a.text_frozen,
                         "seed": a.seed, "threads": a.threads, "seconds": round(train_s, 1),
                         "final_metrics": summary["metrics"]},
               "eval": evaluate(str(out), a.eval_n, a.eval_steps, a.eval_guidance) if a.eval_n else {}}

@@ -116,3 +116,14 @@ def test_caption_contrast_training_logs_the_direction_gap_and_trains_the_text_en
     assert log[0]["contrast_loss"] == pytest.approx(math.log(4), abs=0.3)  # four captions, barely apart at start
     trained = shipped_text_encoder(tmp_path / "final/motion_adapter")
     assert text_encoder_differs(trained, CLIPTextModel.from_pretrained(tiny_sd_dir, subfolder="text_encoder"))
+
+
+def test_caption_contrast_with_the_text_encoder_frozen_trains_only_the_video_side(tiny_sd_dir, tmp_path):
+    method = VideoTextTemporalTraining(config(tiny_sd_dir, lora_rank=2, lora_where="cross"), str(tmp_path),
+                                       data=clips(2), contrast_weight=1.0, text_trainable=False)
+    log = run(method, tmp_path, steps=2)
+    assert all("contrast_loss" in row for row in log)
+    assert not text_encoder_differs(method.parts.text_encoder,
+                                    CLIPTextModel.from_pretrained(tiny_sd_dir, subfolder="text_encoder"))
+    assert shipped_text_encoder(tmp_path / "final/motion_adapter") is None  # unchanged: the base's is used
+    assert (tmp_path / "final/motion_adapter/unet").exists()  # the cross-attention LoRA trained and ships fused

@@ -116,14 +116,15 @@ class VideoTextTemporalTraining(VideoTemporalTraining):
     """video_temporal with the text encoder trained too (in-memory `data=[(caption, frames), ...]` only)."""
 
     def __init__(self, cfg, output_dir: str, data: list, sep_weight: float = 0.0, sep_margin: float = 0.5,
-                 contrast_weight: float = 0.0, contrast_temp: float = 0.01):
+                 contrast_weight: float = 0.0, contrast_temp: float = 0.01, text_trainable: bool = True):
         super().__init__(cfg, output_dir, data=data)
+        self.text_trainable = text_trainable  # False: the captions go in as ids, the text encoder stays frozen
         self.sep_weight, self.sep_margin = sep_weight, sep_margin
         self.contrast_weight, self.contrast_temp = contrast_weight, contrast_temp
 
     def build(self, device: torch.device) -> TextVideoDenoiser:
         policy = super().build(device)
-        te = self.parts.text_encoder.requires_grad_(True).train()
+        te = self.parts.text_encoder.requires_grad_(self.text_trainable).train(self.text_trainable)
         self.word_ids = (word_ids(self.parts.tokenizer, DIRECTIONS) if self.sep_weight > 0 or self.contrast_weight > 0
                          else [])
         return TextVideoDenoiser(policy.unet, te)
