@@ -10,7 +10,8 @@ Writes the MotionAdapter (config.json + safetensors), train_log.jsonl and eval.j
 direction-following attempts (README): --init-adapter (continue an adapter), --lora-rank (spatial attention LoRA
 trained jointly, fused and written to --out/unet), --t-min (train on high-noise timesteps only), --train-text
 (the text encoder trained jointly, written to --out/text_encoder; --sep-weight adds a hinge separating captions
-that differ only in the direction word). --sep-only / --gap-only / --eval-only: the diagnostics alone.
+that differ only in the direction word; --contrast-weight adds video.text.caption_contrast_loss, with
+--text-frozen keeping the text encoder as it is). --sep-only / --gap-only / --eval-only: the diagnostics alone.
 scripts/build_shapeworld_motion.sh holds the exact command that built the shipped adapter.
 """
 from __future__ import annotations
@@ -168,6 +169,8 @@ def main():
     ap.add_argument("--sep-only", default=None, help="only print text_separation for this adapter dir ('': base)")
     ap.add_argument("--eval-only", default="", help="only evaluate this adapter directory (prints the result)")
     a = ap.parse_args()
+    if (a.sep_weight or a.contrast_weight or a.text_frozen) and not a.train_text:
+        ap.error("--sep-weight, --contrast-weight and --text-frozen need --train-text")
     torch.set_num_threads(a.threads)
     if a.gap_only:
         print(json.dumps(direction_gap(a.gap_only, a.eval_n)))
