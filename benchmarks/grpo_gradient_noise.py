@@ -85,7 +85,7 @@ def main() -> None:
     # quantiles over all draws, infinity ranking last: an upper bound of inf means the signal is not resolved
     q = torch.quantile(torch.where(boots.isfinite(), boots, torch.tensor(float("1e300"))).double(),
                        torch.tensor([0.025, 0.975], dtype=torch.float64))
-    lo, hi = (min(x.item(), float("inf")) if x < 1e299 else float("inf") for x in q)
+    lo, hi = (x.item() if x < 1e299 else float("inf") for x in q)
     print(json.dumps({"config": a.config, "overrides": a.overrides, "rollouts": a.rollouts, "images_per_rollout": b,
                       "params": g.shape[1], **{k: round(v, 6) for k, v in est.items()},
                       "B_noise_ci95": [round(lo, 1), round(hi, 1)],
