@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mmalign.core.config import load_experiment, save_resolved
+from mmalign.core.config import ConfigError, load_experiment, save_resolved
 from mmalign.core.trainer import train
 from mmalign.diffusion.grpo import DiffusionGRPO, GRPOConfig, read_prompts
 from mmalign.diffusion.grpo_losses import clipped_policy_loss, gaussian_kl, group_advantages, grpo_loss
@@ -252,6 +252,29 @@ def test_recorded_equals_recomputed_at_update_start(tmp_path, request, prompt_fi
     first, steps = m.traj.latents, m.steps
     m.rollout(policy, batch)  # the same rows and seeds: the same rollout
     assert torch.equal(first, m.traj.latents) and torch.equal(steps, m.steps)
+
+
+def test_shared_initial_noise_and_a_fixed_window_at_the_high_noise_steps(tmp_path, tiny_sd_dir, prompt_file):
+    def rollout(**objective):
+        exp = grpo_experiment(tmp_path, tiny_sd_dir, prompt_file, objective=objective)
+        m = DiffusionGRPO(exp.args, exp.output_dir)
+        policy = m.build(torch.device("cpu"))
+        rows, _ = m.dataset()
+        m.rollout(policy, {**m.collate([rows[0], rows[2]]), "row_seed": torch.tensor([11, 12])})
+        return m
+
+    own = rollout()
+    shared = rollout(shared_initial_noise=True, train_steps_window_start=0)
+    x_t = shared.traj.latents[:, 0].view(2, 3, -1)  # [prompt, group, ...]: x_T
+    assert torch.equal(x_t[:, 0], x_t[:, 1]) and torch.equal(x_t[:, 0], x_t[:, 2])
+    assert not torch.equal(x_t[0, 0], x_t[1, 0])  # one x_T per group, not per rollout
+    assert torch.equal(x_t[0, 0], own.traj.latents[0, 0].flatten())  # the group's first sample's own draw
+    assert not torch.equal(own.traj.latents[0, 0], own.traj.latents[1, 0])  # default: one x_T per sample
+    assert shared.steps.tolist() == [0, 1] and shared.traj.etas.tolist() == [1.0, 1.0, 0.0, 0.0]
+    ends = shared.traj.latents[:, -1].view(2, 3, -1)
+    assert not torch.allclose(ends[:, 0], ends[:, 1])  # the stochastic steps still spread the group
+    with pytest.raises(ConfigError, match="train_steps_window_start"):
+        rollout(train_steps_window_start=3)  # steps 3 and 4 of 4
 
 
 def test_two_training_steps_through_the_loop_and_lora_export(tmp_path, tiny_sd_dir, prompt_file):

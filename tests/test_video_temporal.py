@@ -157,6 +157,28 @@ def test_pipeline_directory_loads_in_animatediff_and_samples(unet, inputs, tiny_
     assert torch.allclose(video(from_adapter.unet, *inputs), video(model, *inputs), atol=1e-5)
 
 
+def test_timestep_spacing_places_the_first_step_and_leaves_the_scheduler_as_it_was(unet, tiny_sd_dir):
+    model = inflate(unet, spec=MotionSpec(heads=4))
+    pipe = video_pipeline(tiny_sd_dir, model)
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args: seen.append(int(args[1].flatten()[0])))
+    own = pipe.scheduler
+    firsts = {}
+    for spacing in ("leading", "trailing"):
+        seen.clear()
+        sample_videos(pipe, ["a red circle moving left"], [0], num_frames=F, steps=2, guidance=1.0,
+                      timestep_spacing=spacing)
+        firsts[spacing] = seen[:]
+        assert pipe.scheduler is own
+    hook.remove()
+    T = own.config.num_train_timesteps
+    assert firsts["trailing"] == [T - 1, T // 2 - 1]  # the first step at pure noise
+    assert firsts["leading"][0] < T - 1 - T // 4  # the "leading" default never reaches t = T - 1
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        sample_videos(pipe, ["a red circle moving left"], [0], num_frames=F, steps=2, timestep_spacing="last")
+    assert pipe.scheduler is own
+
+
 def test_spatial_lora_ships_as_a_fused_image_unet_next_to_the_adapter(unet, inputs, tiny_sd_dir, tmp_path):
     model = inflate(unet, spec=MotionSpec(heads=4))
     randomise_motion_outputs(model)

@@ -67,6 +67,12 @@ class GRPOObjective:
     # W > 0: only W consecutive steps (drawn per rollout) are stochastic and trained, the others deterministic
     # DDIM / Euler (ODE) steps: MixGRPO's window; 0: every step
     train_steps_window: int = bounded(0, 0)
+    # -1: the window's first step drawn per rollout; k >= 0: always steps k .. k + W - 1 (0: the high-noise steps,
+    # where a sample's composition is decided; MixGRPO's sliding window starts there)
+    train_steps_window_start: int = bounded(-1, -1)
+    # DanceGRPO: a group's samples start from one x_T, so their rewards differ only through the stochastic
+    # (trained) steps and the advantage is not spent on the initial noise, which no trained step chose
+    shared_initial_noise: bool = False
     clip_range: float = bounded(1e-4, 0, lo_open=True)  # PPO ratio clip (DDPO and Flow-GRPO: 1e-4)
     kl_beta: float = bounded(0.0, 0)  # weight of the per-step KL to the reference (Flow-GRPO: 0.04 / 0.01)
     inner_epochs: int = bounded(1, 1)  # passes over each rollout's trajectories
@@ -129,6 +135,11 @@ class DiffusionGRPO(LatentDiffusionMethod):
         if o.train_steps_window > o.sample_steps:
             raise ConfigError(f"objective.train_steps_window: {o.train_steps_window} is more than "
                               f"objective.sample_steps ({o.sample_steps})")
+        if o.train_steps_window_start >= 0 and \
+                o.train_steps_window_start + (o.train_steps_window or o.sample_steps) > o.sample_steps:
+            raise ConfigError(f"objective.train_steps_window_start: {o.train_steps_window_start} + the window "
+                              f"({o.train_steps_window or o.sample_steps} steps) runs past objective.sample_steps "
+                              f"({o.sample_steps})")
         if not r.weights:
             raise ConfigError("reward.weights: name at least one reward to train on, e.g. {shapeworld: 1.0}")
         if set(r.weights) & set(r.heldout):
@@ -198,11 +209,15 @@ class DiffusionGRPO(LatentDiffusionMethod):
         flow, latent = self.parts.is_flow, self.latent_size()
         channels = self.parts.vae.config.latent_channels if flow else self.parts.unet.config.in_channels
         shape = (g, s + 1, channels, latent, latent)
-        noise = rows.randn("rollout_noise", shape, self.device).flatten(0, 1)  # [B*G, S+1, ...], per row
+        noise = rows.randn("rollout_noise", shape, self.device)  # [B, G, S+1, ...], per row
+        if o.shared_initial_noise:
+            noise[:, :, 0] = noise[:, :1, 0]
+        noise = noise.flatten(0, 1)
         w = o.train_steps_window or s
         # one window per rollout, drawn from its first row: under DDP/FSDP rank 0's, whose first row is the global
         # batch's, so every rank trains the steps one process would
-        start = main_process_value(int(rows.randint("window", 0, s - w + 1)[0]), self.device) if w < s else 0
+        drawn = main_process_value(int(rows.randint("window", 0, s - w + 1)[0]), self.device) if w < s else 0
+        start = o.train_steps_window_start if o.train_steps_window_start >= 0 else drawn
         self.steps = torch.arange(start, start + w)
         etas = torch.zeros(s)
         etas[self.steps] = o.flow_noise_level if flow else o.eta

@@ -92,20 +92,30 @@ def save_video_model(image_pipeline: str | Path, video_unet: UNetMotionModel, ou
 @torch.no_grad()
 def sample_videos(pipe: AnimateDiffPipeline, prompts: list[str], seeds: list[int], num_frames: int = 8,
                   steps: int = 25, guidance: float = 4.0, batch_size: int = 16, decode_chunk: int = 64,
-                  resolution: int | None = None) -> list[list[Image.Image]]:
+                  resolution: int | None = None, timestep_spacing: str | None = None) -> list[list[Image.Image]]:
     """One clip (a list of `num_frames` PIL frames) per (prompt, seed); the VAE decodes `decode_chunk` frames
-    at a time."""
+    at a time. `timestep_spacing` ("leading", "trailing", "linspace"; None: the scheduler's own) places the
+    inference steps: with SD's "leading" and 10 steps the first is t = 901, with "trailing" t = 999, where the
+    caption still decides the layout (and a clip's motion) rather than the noise."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     res = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     clips: list[list[Image.Image]] = []
+    scheduler = pipe.scheduler
+    if timestep_spacing is not None:
+        if timestep_spacing not in ("leading", "trailing", "linspace"):
+            raise ValueError(f"timestep_spacing must be leading, trailing or linspace, got {timestep_spacing!r}")
+        pipe.scheduler = type(scheduler).from_config(scheduler.config, timestep_spacing=timestep_spacing)
     pipe.set_progress_bar_config(disable=True)  # one bar over clips instead of one per batch
-    with tqdm(total=len(prompts), desc="sample videos", unit="clip") as bar:
-        for i in range(0, len(prompts), batch_size):
-            gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
-            out = pipe(prompts[i:i + batch_size], num_frames=num_frames, num_inference_steps=steps,
-                       guidance_scale=guidance, height=res, width=res, generator=gens, output_type="pil",
-                       decode_chunk_size=decode_chunk)
-            clips.extend(list(frames) for frames in out.frames)
-            bar.update(len(out.frames))
+    try:
+        with tqdm(total=len(prompts), desc="sample videos", unit="clip") as bar:
+            for i in range(0, len(prompts), batch_size):
+                gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
+                out = pipe(prompts[i:i + batch_size], num_frames=num_frames, num_inference_steps=steps,
+                           guidance_scale=guidance, height=res, width=res, generator=gens, output_type="pil",
+                           decode_chunk_size=decode_chunk)
+                clips.extend(list(frames) for frames in out.frames)
+                bar.update(len(out.frames))
+    finally:
+        pipe.scheduler = scheduler
     return clips
