@@ -64,7 +64,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--init", help="continue from this saved pipeline (skips the VAE phase)")
     ap.add_argument("--decay", choices=["none", "cosine"], default="none", help="UNet learning-rate decay")
+    ap.add_argument("--high-noise-share", type=float, default=0.0,
+                    help="share of each batch whose timesteps are drawn from [--high-noise-from, T) instead of [0, T): "
+                         "the epsilon loss barely weighs the image at high noise (benchmarks/high_noise_prediction.py)")
+    ap.add_argument("--high-noise-from", type=int, default=900)
     a = ap.parse_args()
+    if not 0 <= a.high_noise_share <= 1 or not 0 <= a.high_noise_from < 1000:
+        ap.error("--high-noise-share must lie in [0, 1] and --high-noise-from in [0, 1000)")
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,7 +149,11 @@ def main():
         drop = torch.rand(a.batch, generator=g) < a.caption_dropout
         batch_ids[drop] = empty
         noise = torch.randn(lat.shape, generator=g)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (a.batch,), generator=g)
+        T = noise_sched.config.num_train_timesteps
+        t = torch.randint(0, T, (a.batch,), generator=g)
+        if a.high_noise_share > 0:
+            high = torch.rand(a.batch, generator=g) < a.high_noise_share
+            t = torch.where(high, torch.randint(a.high_noise_from, T, (a.batch,), generator=g), t)
         ctx = te(batch_ids)[0]
         pred = unet(noise_sched.add_noise(lat, noise, t), t, ctx).sample
         loss = per_sample_mse(pred, noise).mean()
