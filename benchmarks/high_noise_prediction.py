@@ -14,31 +14,26 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
 
 from mmalign.datasets.shapeworld.render import render_scene
 from mmalign.datasets.shapeworld.scene import sample_scenes
+from mmalign.diffusion.pipeline import SDComponents, denoise, encode_prompts, load_sd_components, preprocess
 
 
 @torch.no_grad()
-def high_noise_table(pipe: StableDiffusionPipeline, scenes, timesteps, seed: int = 0) -> list[dict]:
-    if pipe.scheduler.config.prediction_type != "epsilon":
-        raise SystemExit(f"an epsilon-prediction pipeline is needed, this one predicts "
-                         f"{pipe.scheduler.config.prediction_type}")
-    img = torch.tensor(np.stack([np.asarray(render_scene(s).convert("RGB")) for s in scenes]))
-    img = img.permute(0, 3, 1, 2).float() / 127.5 - 1
-    x0 = pipe.vae.encode(img).latent_dist.mean * pipe.vae.config.scaling_factor
-    tok = pipe.tokenizer([s.caption for s in scenes], padding="max_length", truncation=True,
-                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
-    ctx = pipe.text_encoder(tok.input_ids)[0]
-    abar, mean_x0, rows = pipe.scheduler.alphas_cumprod, x0.mean(0, keepdim=True), []
+def high_noise_table(parts: SDComponents, scenes, timesteps, seed: int = 0) -> list[dict]:
+    if parts.is_flow or parts.is_sdxl or parts.noise_scheduler.config.prediction_type != "epsilon":
+        raise SystemExit("an SD1.5-format epsilon-prediction pipeline is needed")
+    img = torch.stack([preprocess(render_scene(s), parts.resolution)[0] for s in scenes])
+    x0 = parts.vae.encode(img).latent_dist.mean * parts.vae.config.scaling_factor
+    cond = encode_prompts(parts, [s.caption for s in scenes], torch.device("cpu"))
+    abar, mean_x0, rows = parts.noise_scheduler.alphas_cumprod, x0.mean(0, keepdim=True), []
     for t in timesteps:
         eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + t))
         a = abar[t]
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        pred = pipe.unet(x_t, torch.full((len(x0),), t), ctx).sample
+        pred = denoise(parts.unet, x_t, torch.full((len(x0),), t), cond)
         x0_hat = (x_t - (1 - a).sqrt() * pred) / a.sqrt()
         rows.append({"t": t, "abar": round(a.item(), 5),
                      "model_eps_err": round((pred - eps).pow(2).mean().item(), 5),
@@ -57,9 +52,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=20000)
     ap.add_argument("--timesteps", default="500,700,900,950,980,999")
     a = ap.parse_args()
-    pipe = StableDiffusionPipeline.from_pretrained(a.model, safety_checker=None, requires_safety_checker=False)
     scenes = sample_scenes(a.seed, a.n, split="train")
-    for row in high_noise_table(pipe, scenes, [int(t) for t in a.timesteps.split(",")]):
+    for row in high_noise_table(load_sd_components(a.model), scenes, [int(t) for t in a.timesteps.split(",")]):
         print(json.dumps(row), flush=True)
 
 

@@ -142,6 +142,7 @@ def main():
         return min(1.0, (s + 1) / 200) * decay
     warm = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
+    T = noise_sched.config.num_train_timesteps
     for step in range(1, a.unet_steps + 1):
         idx = torch.randint(0, len(mean), (a.batch,), generator=g)
         lat = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
@@ -149,7 +150,6 @@ def main():
         drop = torch.rand(a.batch, generator=g) < a.caption_dropout
         batch_ids[drop] = empty
         noise = torch.randn(lat.shape, generator=g)
-        T = noise_sched.config.num_train_timesteps
         t = torch.randint(0, T, (a.batch,), generator=g)
         if a.high_noise_share > 0:
             high = torch.rand(a.batch, generator=g) < a.high_noise_share
