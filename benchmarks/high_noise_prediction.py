@@ -1,4 +1,4 @@
-"""What an epsilon-prediction pipeline knows about the image at high noise: its denoising error on ShapeWorld scenes
+"""What an epsilon- or v-prediction pipeline knows about the image at high noise: its denoising error on ShapeWorld scenes
 against two predictors that know nothing (x0_hat = 0, i.e. epsilon_hat = x_t / sqrt(1 - abar), and x0_hat = the
 scenes' mean latent), and its implied x0 error, per timestep.
 
@@ -19,12 +19,13 @@ import torch
 from mmalign.datasets.shapeworld.render import render_scene
 from mmalign.datasets.shapeworld.scene import sample_scenes
 from mmalign.diffusion.pipeline import SDComponents, denoise, encode_prompts, load_sd_components, preprocess
+from mmalign.diffusion.rollout import eps_x0
 
 
 @torch.no_grad()
 def high_noise_table(parts: SDComponents, scenes, timesteps, seed: int = 0) -> list[dict]:
-    if parts.is_flow or parts.is_sdxl or parts.noise_scheduler.config.prediction_type != "epsilon":
-        raise SystemExit("an SD1.5-format epsilon-prediction pipeline is needed")
+    if parts.is_flow or parts.is_sdxl:
+        raise SystemExit("an SD1.5-format pipeline is needed")
     img = torch.stack([preprocess(render_scene(s), parts.resolution)[0] for s in scenes])
     x0 = parts.vae.encode(img).latent_dist.mean * parts.vae.config.scaling_factor
     cond = encode_prompts(parts, [s.caption for s in scenes], torch.device("cpu"))
@@ -33,14 +34,15 @@ def high_noise_table(parts: SDComponents, scenes, timesteps, seed: int = 0) -> l
         eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + t))
         a = abar[t]
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        pred = denoise(parts.unet, x_t, torch.full((len(x0),), t), cond)
-        x0_hat = (x_t - (1 - a).sqrt() * pred) / a.sqrt()
+        out = denoise(parts.unet, x_t, torch.full((len(x0),), t), cond)
+        pred, x0_hat = eps_x0(out, x_t, a, parts.noise_scheduler.config.prediction_type)
         rows.append({"t": t, "abar": round(a.item(), 5),
                      "model_eps_err": round((pred - eps).pow(2).mean().item(), 5),
                      "zero_x0_eps_err": round((x_t / (1 - a).sqrt() - eps).pow(2).mean().item(), 5),
                      "mean_x0_eps_err": round(((x_t - a.sqrt() * mean_x0) / (1 - a).sqrt() - eps)
                                               .pow(2).mean().item(), 5),
                      "model_x0_err": round((x0_hat - x0).pow(2).mean().item(), 4),
+                     "mean_x0_x0_err": round((mean_x0 - x0).pow(2).mean().item(), 4),
                      "x0_power": round(x0.pow(2).mean().item(), 4)})
     return rows
 

@@ -8,6 +8,7 @@ with the exact ShapeWorld scorer and saves the pipeline, so an interrupted run s
 
     python scripts/train_shapeworld_base.py --out mmalign/assets/shapeworld_sd
     python scripts/train_shapeworld_base.py --init DIR --out DIR2 ...   # continue (skips the VAE phase)
+    ... --init DIR --prediction-type v_prediction --zero-terminal-snr    # convert to v-prediction, SNR 0 at T
 
 scripts/build_shapeworld_base.sh holds the exact commands that built the shipped pipeline.
 
@@ -29,8 +30,9 @@ from PIL import Image
 
 from mmalign.datasets.shapeworld import render_scene, sample_scenes, score_image
 from mmalign.diffusion.losses import per_sample_mse
+from mmalign.diffusion.pipeline import diffusion_target
 from mmalign.diffusion.sampling import sample_images, score_samples
-from mmalign.diffusion.tiny import build_pipeline, load_architecture
+from mmalign.diffusion.tiny import build_pipeline, load_architecture, reparameterize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,6 +70,11 @@ def main():
                     help="share of each batch whose timesteps are drawn from [--high-noise-from, T) instead of [0, T): "
                          "the epsilon loss barely weighs the image at high noise (benchmarks/high_noise_prediction.py)")
     ap.add_argument("--high-noise-from", type=int, default=900)
+    ap.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                    help="what the UNet predicts (default: the --init pipeline's, epsilon for a fresh one)")
+    ap.add_argument("--zero-terminal-snr", action="store_true",
+                    help="rescale the betas so the last timestep is pure noise, and sample with trailing "
+                         "timesteps (needs v_prediction: epsilon is undefined at SNR 0)")
     a = ap.parse_args()
     if not 0 <= a.high_noise_share <= 1 or not 0 <= a.high_noise_from < 1000:
         ap.error("--high-noise-share must lie in [0, 1] and --high-noise-from in [0, 1000)")
@@ -89,6 +96,10 @@ def main():
         torch.manual_seed(a.seed)
     else:
         pipe = build_pipeline(arch, seed=a.seed)
+    try:
+        reparameterize(pipe, a.prediction_type, a.zero_terminal_snr)
+    except ValueError as err:
+        ap.error(str(err))
     scenes = sample_scenes(a.seed + 1, a.train_images, split="train")
     pixels = to_pixels([render_scene(s, res) for s in scenes])
     eval_scenes = sample_scenes(10_000 + a.seed, a.eval_prompts, split="heldout")
@@ -156,7 +167,7 @@ def main():
             t = torch.where(high, torch.randint(a.high_noise_from, T, (a.batch,), generator=g), t)
         ctx = te(batch_ids)[0]
         pred = unet(noise_sched.add_noise(lat, noise, t), t, ctx).sample
-        loss = per_sample_mse(pred, noise).mean()
+        loss = per_sample_mse(pred, diffusion_target(noise_sched, lat, noise, t)).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

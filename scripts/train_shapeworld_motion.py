@@ -63,7 +63,7 @@ class HighNoiseTextTraining(HighNoiseMixin, VideoTextTemporalTraining):
 
 
 @torch.no_grad()
-def text_separation(adapter_dir: str) -> dict:
+def text_separation(adapter_dir: str, base=BASE) -> dict:
     """How far apart the text encoder (the adapter's own, else the base's) puts captions that differ only in the
     direction word: |e(c) - e(c')| / |e(c)| at the direction token and over the whole sequence, mean over the
     colour x shape grid, per direction pair; "red" vs "blue" (colour token) for scale."""
@@ -71,8 +71,8 @@ def text_separation(adapter_dir: str) -> dict:
     from mmalign.datasets.shapeworld.scene import COLOURS, SHAPES
 
     te = (shipped_text_encoder(adapter_dir) if adapter_dir else None) or CLIPTextModel.from_pretrained(
-        BASE, subfolder="text_encoder")
-    tok = AutoTokenizer.from_pretrained(BASE, subfolder="tokenizer")
+        base, subfolder="text_encoder")
+    tok = AutoTokenizer.from_pretrained(base, subfolder="tokenizer")
 
     def rel(words_a, words_b, word_pos):
         a, b = te(token_ids(tok, words_a))[0], te(token_ids(tok, words_b))[0]
@@ -91,12 +91,12 @@ def text_separation(adapter_dir: str) -> dict:
 
 
 def evaluate(adapter_dir: str, n: int, steps: int, guidance: float, seed: int = EVAL_SEED,
-             spacing: str | None = None) -> dict:
+             spacing: str | None = None, base=BASE) -> dict:
     """Direction accuracy (and the other score_motion fields) of n seeded samples for held-out clip captions
     (initial noise drawn on the CPU from each seed, so a GPU evaluates the same clips); `spacing`: the
     sampler's timestep spacing (None: the base scheduler's, "leading")."""
     captions = [c for c, _ in shapeworld_clips(n, seed, 8, 32)]
-    pipe = video_pipeline(BASE, adapter_dir).to(DEVICE)
+    pipe = video_pipeline(base, adapter_dir).to(DEVICE)
     seeds = [seed + i for i in range(n)]
     clips = sample_videos(pipe, captions, seeds, num_frames=8, steps=steps, guidance=guidance,
                           timestep_spacing=spacing)
@@ -114,7 +114,7 @@ OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 @torch.no_grad()
 def direction_gap(adapter_dir: str, n: int, seed: int = EVAL_SEED,
-                  timesteps=(300, 500, 700, 900, 950, 980, 999)) -> dict:
+                  timesteps=(300, 500, 700, 900, 950, 980, 999), base=BASE) -> dict:
     """Does the model read the direction word? Denoising error on n held-out ground-truth clips with the true
     caption vs with the opposite direction ("left" <-> "right"), same x_t and noise: per t, the relative gap
     (wrong - true) / true. About 0 when the caption's direction never reaches the prediction. Below t = 900 even
@@ -123,7 +123,7 @@ def direction_gap(adapter_dir: str, n: int, seed: int = EVAL_SEED,
     clips = shapeworld_clips(n, seed, 8, 32)
     swapped = [motion_caption(colour, shape, OPPOSITE[d]) for colour, shape, d in
                (parse_motion_caption(c) for c, _ in clips)]
-    cfg = VideoConfig(VideoModelConfig(pretrained=str(BASE), motion_adapter=adapter_dir),
+    cfg = VideoConfig(VideoModelConfig(pretrained=str(base), motion_adapter=adapter_dir),
                       VideoDataConfig(num_frames=8))
     with tempfile.TemporaryDirectory() as tmp:  # the method's output_dir (nothing is written there)
         method = VideoTemporalTraining(cfg, tmp, data=clips)
@@ -146,6 +146,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "mmalign/assets/shapeworld_motion"))
     ap.add_argument("--work", default="runs/shapeworld_motion", help="trainer output (checkpoints, final/)")
+    ap.add_argument("--base", default=str(BASE), help="the frozen image pipeline the motion layers go on")
     ap.add_argument("--clips", type=int, default=2000, help="training clips (sample_clip, seeded)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=8)
@@ -188,16 +189,17 @@ def main():
     except ValueError:
         ap.error(f"--gap-timesteps must be comma-separated integers, got {a.gap_timesteps!r}")
     if a.gap_only:
-        print(json.dumps(direction_gap(a.gap_only, a.eval_n, timesteps=gap_ts)))
+        print(json.dumps(direction_gap(a.gap_only, a.eval_n, timesteps=gap_ts, base=a.base)))
         return
     if a.sep_only is not None:
-        print(json.dumps(text_separation(a.sep_only)))
+        print(json.dumps(text_separation(a.sep_only, base=a.base)))
         return
     if a.eval_only:
-        print(json.dumps(evaluate(a.eval_only, a.eval_n, a.eval_steps, a.eval_guidance, spacing=a.eval_spacing)))
+        print(json.dumps(evaluate(a.eval_only, a.eval_n, a.eval_steps, a.eval_guidance, spacing=a.eval_spacing,
+                                  base=a.base)))
         return
     t0 = time.time()
-    cfg = VideoConfig(VideoModelConfig(pretrained=str(BASE), motion_heads=a.heads, motion_layers=a.layers,
+    cfg = VideoConfig(VideoModelConfig(pretrained=a.base, motion_heads=a.heads, motion_layers=a.layers,
                                       max_frames=32,
                                       motion_adapter=a.init_adapter, lora_rank=a.lora_rank, lora_where=a.lora_where),
                       VideoDataConfig(shapeworld_clips=a.clips, seed=a.seed, num_frames=8))
@@ -216,7 +218,7 @@ def main():
     # the MotionAdapter, plus unet/ (the image UNet with the spatial LoRA fused) when a spatial LoRA trained
     shutil.copytree(Path(a.work) / "final/motion_adapter", out, dirs_exist_ok=True)
     shutil.copy(Path(a.work) / "metrics.jsonl", out / "train_log.jsonl")
-    result = {"train": {"steps": summary["step"], "max_steps": a.steps, "stopped": summary.get("stopped", ""),
+    result = {"train": {"base": a.base, "steps": summary["step"], "max_steps": a.steps, "stopped": summary.get("stopped", ""),
                         "layers": a.layers, "device": DEVICE.type,
                         "batch": a.batch, "clips": a.clips, "lr": a.lr, "heads": a.heads,
                         "init_adapter": a.init_adapter, "lora_rank": a.lora_rank, "lora_where": a.lora_where,
@@ -226,11 +228,11 @@ def main():
                         "text_frozen": a.text_frozen,
                         "seed": a.seed, "threads": a.threads, "seconds": round(train_s, 1),
                         "final_metrics": summary["metrics"]},
-              "eval": evaluate(str(out), a.eval_n, a.eval_steps, a.eval_guidance, spacing=a.eval_spacing)
+              "eval": evaluate(str(out), a.eval_n, a.eval_steps, a.eval_guidance, spacing=a.eval_spacing, base=a.base)
               if a.eval_n else {}}
     if a.eval_n:
-        result["eval"]["direction_gap"] = direction_gap(str(out), a.eval_n, timesteps=gap_ts)
-        result["eval"]["text_separation"] = text_separation(str(out))
+        result["eval"]["direction_gap"] = direction_gap(str(out), a.eval_n, timesteps=gap_ts, base=a.base)
+        result["eval"]["text_separation"] = text_separation(str(out), base=a.base)
     result["eval"]["seconds"] = round(time.time() - t0 - train_s, 1)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))

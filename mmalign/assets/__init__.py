@@ -10,5 +10,6 @@ SHAPEWORLD_SD = ASSETS / "shapeworld_sd"  # StableDiffusionPipeline directory (t
 SHAPEWORLD_LLAVA = ASSETS / "shapeworld_llava"  # LlavaForConditionalGeneration + processor
 SHAPEWORLD_CLIP = ASSETS / "shapeworld_clip"  # open_clip CLIP (config JSON + safetensors)
 SHAPEWORLD_MOTION = ASSETS / "shapeworld_motion"  # diffusers MotionAdapter for SHAPEWORLD_SD
+SHAPEWORLD_SD_V = ASSETS / "shapeworld_sd_v"  # SHAPEWORLD_SD converted to v-prediction, zero terminal SNR
 SHAPEWORLD_SD3 = ASSETS / "shapeworld_sd3"  # StableDiffusion3Pipeline (rectified flow; weak: see its README)
 SHAPEWORLD_PAIRS = ASSETS / "shapeworld_pairs"  # the demo's on-policy pairs from SHAPEWORLD_SD (Pick-a-Pic layout)
