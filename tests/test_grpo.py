@@ -324,8 +324,13 @@ def test_two_processes_train_what_one_process_does_with_the_doubled_batch(tmp_pa
 
     a, b = logged("single"), logged("multi")
     assert len(a) == len(b) == 3
-    for key in ("reward_mean", "reward/test_grpo.red_reward_mean", "kl", "loss"):
-        assert all(abs(x[key] - y[key]) <= LOSS_ATOL for x, y in zip(a, b)), (key, a, b)
+    # FSDP2's full fine-tune is CPU-dependent: on an Intel Xeon the matched runs end 5.2e-4 apart in KL and 1.9e-3 x
+    # scale in the weights (AMD EPYC: within LOSS_ATOL and WEIGHT_RTOL), likely Adam's normalised steps on
+    # near-zero gradients whose reduction order differs; the batch-2 control there: KL 0.032 / 0.23 apart, 6.0e-3.
+    kl_atol, weight_rtol = (LOSS_ATOL, WEIGHT_RTOL) if launch == "ddp" else (2e-3, 3e-3)
+    for key, atol in (("reward_mean", LOSS_ATOL), ("reward/test_grpo.red_reward_mean", LOSS_ATOL), ("kl", kl_atol),
+                      ("loss", kl_atol)):
+        assert all(abs(x[key] - y[key]) <= atol for x, y in zip(a, b)), (key, a, b)
     assert a[-1]["kl"] > 0  # the policy has moved: not a comparison of untrained models
     trained = "pytorch_lora_weights.safetensors" if launch == "ddp" else "unet/diffusion_pytorch_model.safetensors"
     wa, wb = (load_file(tmp_path / n / "final" / trained) for n in ("single", "multi"))
@@ -333,4 +338,4 @@ def test_two_processes_train_what_one_process_does_with_the_doubled_batch(tmp_pa
     scale = max(v.abs().max().item() for v in wa.values())
     diff = max((wa[k] - wb[k]).abs().max().item() for k in wa) / scale
     print(f"grpo {launch}: max weight diff {diff:.2e} x scale")
-    assert diff <= WEIGHT_RTOL
+    assert diff <= weight_rtol
