@@ -1,5 +1,5 @@
-"""What an epsilon- or v-prediction pipeline knows about the image at high noise: its denoising error on ShapeWorld scenes
-against two predictors that know nothing (x0_hat = 0, i.e. epsilon_hat = x_t / sqrt(1 - abar), and x0_hat = the
+"""What an epsilon- or v-prediction pipeline knows about the image at high noise: its denoising error on ShapeWorld
+scenes against two predictors that know nothing (x0_hat = 0, i.e. epsilon_hat = x_t / sqrt(1 - abar), and x0_hat = the
 scenes' mean latent), and its implied x0 error, per timestep.
 
 An epsilon error e means an x0 error of e (1 - abar) / abar, which at t = 999 of SD's schedule is 213 e: a model can

@@ -10,7 +10,8 @@ with the exact ShapeWorld scorer and saves the pipeline, so an interrupted run s
     python scripts/train_shapeworld_base.py --init DIR --out DIR2 ...   # continue (skips the VAE phase)
     ... --init DIR --prediction-type v_prediction --zero-terminal-snr    # convert to v-prediction, SNR 0 at T
 
-scripts/build_shapeworld_base.sh holds the exact commands that built the shipped pipeline.
+scripts/build_shapeworld_base.sh holds the exact commands that built the shipped pipeline,
+scripts/build_shapeworld_base_v.sh the one that converted it to v-prediction (mmalign/assets/shapeworld_sd_v).
 
 Reproducible from its seed; prints one JSON line per evaluation and writes train_log.jsonl next to the model.
 No horizontal flips: they would contradict "left of" / "right of" captions.
@@ -30,9 +31,9 @@ from PIL import Image
 
 from mmalign.datasets.shapeworld import render_scene, sample_scenes, score_image
 from mmalign.diffusion.losses import per_sample_mse
-from mmalign.diffusion.pipeline import diffusion_target
+from mmalign.diffusion.pipeline import diffusion_target, reparameterize
 from mmalign.diffusion.sampling import sample_images, score_samples
-from mmalign.diffusion.tiny import build_pipeline, load_architecture, reparameterize
+from mmalign.diffusion.tiny import build_pipeline, load_architecture
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -94,7 +94,7 @@ def evaluate(adapter_dir: str, n: int, steps: int, guidance: float, seed: int = 
              spacing: str | None = None, base=BASE) -> dict:
     """Direction accuracy (and the other score_motion fields) of n seeded samples for held-out clip captions
     (initial noise drawn on the CPU from each seed, so a GPU evaluates the same clips); `spacing`: the
-    sampler's timestep spacing (None: the base scheduler's, "leading")."""
+    sampler's timestep spacing (None: the base scheduler's own)."""
     captions = [c for c, _ in shapeworld_clips(n, seed, 8, 32)]
     pipe = video_pipeline(base, adapter_dir).to(DEVICE)
     seeds = [seed + i for i in range(n)]
@@ -218,7 +218,8 @@ def main():
     # the MotionAdapter, plus unet/ (the image UNet with the spatial LoRA fused) when a spatial LoRA trained
     shutil.copytree(Path(a.work) / "final/motion_adapter", out, dirs_exist_ok=True)
     shutil.copy(Path(a.work) / "metrics.jsonl", out / "train_log.jsonl")
-    result = {"train": {"base": a.base, "steps": summary["step"], "max_steps": a.steps, "stopped": summary.get("stopped", ""),
+    result = {"train": {"base": a.base, "steps": summary["step"], "max_steps": a.steps,
+                        "stopped": summary.get("stopped", ""),
                         "layers": a.layers, "device": DEVICE.type,
                         "batch": a.batch, "clips": a.clips, "lr": a.lr, "heads": a.heads,
                         "init_adapter": a.init_adapter, "lora_rank": a.lora_rank, "lora_where": a.lora_where,

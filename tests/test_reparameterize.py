@@ -1,12 +1,11 @@
-"""diffusion.tiny.reparameterize: a pipeline switched to v-prediction with a zero-terminal-SNR schedule, saved and
+"""diffusion.pipeline.reparameterize: a pipeline switched to v-prediction with a zero-terminal-SNR schedule, saved and
 loaded through the methods' own loading path."""
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from mmalign.diffusion.pipeline import diffusion_target, load_sd_components
+from mmalign.diffusion.pipeline import diffusion_target, load_sd_components, reparameterize
 from mmalign.diffusion.rollout import eps_x0
-from mmalign.diffusion.tiny import reparameterize
 
 
 @pytest.fixture()

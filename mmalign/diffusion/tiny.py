@@ -62,19 +62,3 @@ def build_sdxl_pipeline(arch: dict, seed: int = 0, tokenizer=None, addition_time
                                      tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=scheduler,
                                      add_watermarker=False)
 
-
-def reparameterize(pipe, prediction_type: str | None = None, zero_terminal_snr: bool = False):
-    """Switch a pipeline's scheduler to another parametrization before training it on: `prediction_type`
-    (epsilon / v_prediction; None keeps the current one) and, with `zero_terminal_snr`, betas rescaled so that
-    abar_T = 0 (Lin et al., 2024, "Common Diffusion Noise Schedules and Sample Steps Are Flawed") with trailing
-    timesteps, so sampling starts from pure noise at t = T - 1. Zero terminal SNR needs v-prediction: at abar = 0
-    the input is the noise itself, and epsilon carries nothing to learn there. Rebuilds the scheduler (a
-    changed config alone would not recompute the betas); returns the pipeline."""
-    kind = prediction_type or pipe.scheduler.config.prediction_type
-    if kind not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be epsilon or v_prediction, got {kind!r}")
-    if zero_terminal_snr and kind != "v_prediction":
-        raise ValueError("zero terminal SNR needs prediction_type v_prediction (epsilon is undefined at SNR 0)")
-    extra = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if zero_terminal_snr else {}
-    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=kind, **extra)
-    return pipe
